@@ -1,0 +1,37 @@
+# Two targets:
+#   docker build --target cpu -t facerecon:cpu .
+#   docker build --target gpu -t facerecon:gpu .      (CUDA, onnxruntime-gpu, nvdiffrast: non-commercial licence)
+# Both serve on port 8000 with the default face model shipped in models/.
+
+FROM python:3.11-slim AS cpu
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 FACERECON_HOST=0.0.0.0 FACERECON_MODELS_DIR=/app/models
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 curl && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY client ./client
+COPY models ./models
+RUN pip install -e . && python -m facerecon.warmup
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s CMD curl -fsS http://localhost:8000/readyz || exit 1
+CMD ["facerecon", "serve"]
+
+FROM nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04 AS gpu
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 FACERECON_HOST=0.0.0.0 \
+    FACERECON_MODELS_DIR=/app/models FACERECON_DEVICE=cuda FACERECON_RENDERER=nvdiffrast \
+    TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0" TORCH_EXTENSIONS_DIR=/app/.torch_extensions
+RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3-pip \
+        libgomp1 curl ninja-build && rm -rf /var/lib/apt/lists/* \
+    && python3.11 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /app
+RUN pip install torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY client ./client
+COPY models ./models
+RUN pip install -e ".[gpu]" && pip uninstall -y onnxruntime && pip install --force-reinstall onnxruntime-gpu
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=300s CMD curl -fsS http://localhost:8000/readyz || exit 1
+CMD ["facerecon", "serve"]

@@ -1,0 +1,24 @@
+# The two commands of the README: `make install` (everything, into .venv) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test lint bench
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The CPU wheel of torch first (it lies on disk here); every later requirement is satisfied by it, so no
+	# CUDA build is ever pulled on a CPU machine.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]" -e ./client
+	# The default face model ships in models/ict; check it (rebuild it with `facerecon models build ict`).
+	$(BIN)/facerecon models check
+	$(BIN)/python -m facerecon.warmup
+
+test:
+	$(BIN)/ruff check service client tests bench eval
+	$(BIN)/pytest -q
+
+bench:
+	$(BIN)/python -m bench

@@ -1,0 +1,117 @@
+"""``facerecon``: the command line. A thin shell over the library (and, for ``serve``, the HTTP app)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from facerecon import __version__
+from facerecon.config import get_settings
+from facerecon.errors import FaceReconError
+
+log = logging.getLogger("facerecon")
+
+def _models_list(args: argparse.Namespace) -> int:
+    from facerecon.facemodel.registry import list_models
+
+    models_dir = Path(args.models_dir or get_settings().models_dir)
+    models = list_models(models_dir)
+    if args.json:
+        print(json.dumps([{"name": m.name, "path": str(m.path), "card": m.card} for m in models], indent=2))
+        return 0
+    if not models:
+        print(f"no face models in {models_dir}")
+        return 1
+    for m in models:
+        c = m.card
+        lay = c["layout"]
+        prov = c["provenance"]
+        print(f"{m.name}: {c['description']}")
+        print(f"  file        {m.path} ({c['bytes'] / 1e6:.1f} MB, sha256 {str(c['sha256'])[:16]}…)")
+        print(f"  vertices    {c['n_vertices']}, triangles {c['n_triangles']}, UVs {'yes' if c['has_uvs'] else 'no'}")
+        total = sum(int(v) for v in lay.values())
+        print("  layout      " + ", ".join(f"{k} {v}" for k, v in lay.items()) + f" (= {total})")
+        print(f"  units       {c['units']}")
+        print(f"  licence     {c['licence']}{'' if c['redistributable'] else ' (NOT redistributable)'}")
+        print(f"  notice      {c['licence_notice']}")
+        commit = f" @ {prov['source_commit']}" if prov.get("source_commit") else ""
+        print(f"  source      {prov['source']}{commit}")
+        print(f"  builder     {prov['builder']} {prov['builder_version']}")
+    return 0
+
+
+def _models_check(args: argparse.Namespace) -> int:
+    from facerecon.facemodel.format import load_face_model
+    from facerecon.facemodel.registry import list_models
+
+    models_dir = Path(args.models_dir or get_settings().models_dir)
+    models = list_models(models_dir)
+    for m in models:
+        data = load_face_model(m.path)
+        print(f"{m.name}: ok ({data.card.n_vertices} vertices, layout total {data.card.layout.total})")
+    return 0 if models else 1
+
+
+def _models_build(args: argparse.Namespace) -> int:
+    models_dir = Path(args.models_dir or get_settings().models_dir)
+    out = Path(args.out) if args.out else models_dir / args.kind / "facemodel.npz"
+    if args.kind == "ict":
+        from facerecon.facemodel import ict
+
+        source = Path(args.source) if args.source else get_settings().shared_dir / "assets" / "ict-facekit-light"
+        card = ict.build(source, out)
+    else:
+        from facerecon.facemodel import bfm
+
+        if not args.bfm or not args.exp:
+            print("bfm needs --bfm 01_MorphableModel.mat and --exp Exp_Pca.bin (see README)", file=sys.stderr)
+            return 2
+        card = bfm.build(Path(args.bfm), Path(args.exp), out, aux_dir=Path(args.aux) if args.aux else None)
+    print(f"wrote {out} ({card['bytes'] / 1e6:.1f} MB, sha256 {card['sha256']})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="facerecon", description="3D face reconstruction from photos (Deep3DFaceRecon)")
+    p.add_argument("--version", action="version", version=f"facerecon {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="list, check and build face models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    ls = msub.add_parser("list", help="the installed face models with layout, licence and provenance")
+    ls.add_argument("--models-dir")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_models_list)
+    ck = msub.add_parser("check", help="load and validate every installed face model")
+    ck.add_argument("--models-dir")
+    ck.set_defaults(func=_models_check)
+    bd = msub.add_parser("build", help="build a face model file from its sources")
+    bd.add_argument("kind", choices=["ict", "bfm"])
+    bd.add_argument("--source", help="ict: the ICT FaceKit folder (shared conversion or a clone of the repo)")
+    bd.add_argument("--bfm", help="bfm: your licensed 01_MorphableModel.mat (Basel Face Model 2009)")
+    bd.add_argument("--exp", help="bfm: Exp_Pca.bin (Guo et al. expression basis)")
+    bd.add_argument("--aux", help="bfm: folder with the reference's index files (default: the packaged copies)")
+    bd.add_argument("--out", help="output .npz (default: <models-dir>/<kind>/facemodel.npz)")
+    bd.add_argument("--models-dir")
+    bd.set_defaults(func=_models_build)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except FaceReconError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

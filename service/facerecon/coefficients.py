@@ -1,0 +1,123 @@
+"""The coefficient vector of a face model, by name.
+
+The reference's BFM vector is 257 = 80 id + 64 exp + 80 tex + 3 angle + 27 gamma + 3 trans (reference.md section 2);
+another face model has its own sizes for the first three groups. :class:`CoefficientLayout` comes from the face
+model's card, and :class:`Coefficients` is the only place that slices the flat vector, so nothing else uses magic
+offsets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+#: Group names in vector order (the reference's head order).
+GROUPS: tuple[str, ...] = ("id", "exp", "tex", "angle", "gamma", "trans")
+
+
+class CoefficientLayout(BaseModel):
+    """Sizes of the coefficient groups, in vector order ``id, exp, tex, angle, gamma, trans``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: int = Field(gt=0, description="identity shape coefficients")
+    exp: int = Field(gt=0, description="expression coefficients")
+    tex: int = Field(gt=0, description="albedo coefficients")
+    angle: int = Field(3, ge=3, le=3, description="(pitch, yaw, roll), radians")
+    gamma: int = Field(27, ge=27, le=27, description="SH lighting, channel-major R[0:9] G[9:18] B[18:27]")
+    trans: int = Field(3, ge=3, le=3, description="translation (x, y, z), decimetres")
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes())
+
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(getattr(self, g) for g in GROUPS)
+
+    def slices(self) -> dict[str, slice]:
+        out: dict[str, slice] = {}
+        start = 0
+        for g in GROUPS:
+            n = getattr(self, g)
+            out[g] = slice(start, start + n)
+            start += n
+        return out
+
+
+#: The reference BFM layout (257).
+BFM_LAYOUT = CoefficientLayout(id=80, exp=64, tex=80)
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """Named coefficient groups of a batch of faces; every field is ``(B, k)`` float32 on one device.
+
+    ``id`` identity, ``exp`` expression, ``tex`` albedo, ``angle`` (B, 3) radians (θx, θy, θz), ``gamma`` (B, 27)
+    SH light (channel-major), ``trans`` (B, 3) decimetres.
+    """
+
+    id: Tensor
+    exp: Tensor
+    tex: Tensor
+    angle: Tensor
+    gamma: Tensor
+    trans: Tensor
+
+    def __post_init__(self) -> None:
+        batch = {t.shape[0] for t in self._tensors()}
+        if len(batch) != 1 or any(t.ndim != 2 for t in self._tensors()):
+            raise ValueError("every coefficient group must be a (B, k) tensor with one B")
+        for name, size in (("angle", 3), ("gamma", 27), ("trans", 3)):
+            if getattr(self, name).shape[1] != size:
+                raise ValueError(f"{name} must have {size} columns, got {getattr(self, name).shape[1]}")
+
+    def _tensors(self) -> Iterator[Tensor]:
+        return (getattr(self, f.name) for f in fields(self))
+
+    @property
+    def batch_size(self) -> int:
+        return self.id.shape[0]
+
+    @property
+    def layout(self) -> CoefficientLayout:
+        return CoefficientLayout(id=self.id.shape[1], exp=self.exp.shape[1], tex=self.tex.shape[1])
+
+    @classmethod
+    def from_vector(cls, vector: Tensor, layout: CoefficientLayout) -> Coefficients:
+        """Split ``(B, layout.total)`` (or ``(layout.total,)``, taken as B = 1) into named groups."""
+        if vector.ndim == 1:
+            vector = vector[None]
+        if vector.ndim != 2 or vector.shape[1] != layout.total:
+            raise ValueError(f"expected a (B, {layout.total}) coefficient vector, got {tuple(vector.shape)}")
+        return cls(**{g: vector[:, s] for g, s in layout.slices().items()})
+
+    @classmethod
+    def zeros(cls, layout: CoefficientLayout, batch: int = 1, device: torch.device | str = "cpu") -> Coefficients:
+        """The mean face: neutral, frontal, at the origin, ambient light 0.8 (the zero-initialised R-Net)."""
+        return cls.from_vector(torch.zeros(batch, layout.total, device=device), layout)
+
+    def to_vector(self) -> Tensor:
+        """``(B, total)`` in the layout's order."""
+        return torch.cat(list(self._tensors()), dim=1)
+
+    def to(self, device: torch.device | str) -> Coefficients:
+        return Coefficients(*(t.to(device) for t in self._tensors()))
+
+    def detach(self) -> Coefficients:
+        return Coefficients(*(t.detach() for t in self._tensors()))
+
+    def index(self, i: int) -> Coefficients:
+        """The ``i``-th face as a batch of one."""
+        return Coefficients(*(t[i : i + 1] for t in self._tensors()))
+
+    def to_dict(self, i: int = 0) -> dict[str, list[float]]:
+        """Face ``i`` as plain lists by group name (for JSON)."""
+        return {f.name: getattr(self, f.name)[i].detach().cpu().double().tolist() for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[float]], device: torch.device | str = "cpu") -> Coefficients:
+        return cls(**{g: torch.tensor([data[g]], dtype=torch.float32, device=device) for g in GROUPS})

@@ -1,0 +1,44 @@
+"""Settings: the only place that reads the environment (``FACERECON_*`` variables, pydantic-settings)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The repository's ``models/`` folder (an editable or source install); a wheel install sets FACERECON_MODELS_DIR.
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+#: ``../shared`` beside the repository (assets and data for building, training and tests; optional at run time).
+DEFAULT_SHARED_DIR = Path(__file__).resolve().parents[3] / "shared"
+
+
+class Settings(BaseSettings):
+    """Configuration of the engine, the CLI and the HTTP service (documented in the README)."""
+
+    model_config = SettingsConfigDict(env_prefix="FACERECON_", extra="ignore")
+
+    models_dir: Path = Field(DEFAULT_MODELS_DIR, description="folder holding one sub-folder per face model")
+    shared_dir: Path = Field(DEFAULT_SHARED_DIR, description="the shared assets/data folder (optional)")
+    face_model: str = Field("ict", description="name of the face model to serve (a sub-folder of models_dir)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for decoding/fitting")
+    renderer: Literal["auto", "cpu", "nvdiffrast"] = Field("auto", description="rasteriser backend")
+    # Input limits.
+    max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest accepted upload, bytes")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="largest accepted image, width x height")
+    max_set_images: int = Field(16, gt=0, description="most photos in one image-set request")
+    # Serving.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = Field(1, gt=0, description="inference worker threads")
+    queue_size: int = Field(16, ge=0, description="requests waiting beyond the workers before 503")
+    max_batch: int = Field(8, gt=0, description="micro-batch size on GPU")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill, ms")
+    log_level: str = "INFO"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

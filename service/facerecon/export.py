@@ -1,0 +1,113 @@
+"""Exports: OBJ (per-vertex colours, UVs where the model has them), PLY and binary glTF through trimesh, and the
+coefficients as JSON with named fields.
+
+Meshes are written in the model's units (decimetres, as the reference's OBJ), in world space (posed ``R v + t``)
+unless asked otherwise; faces 1-based in OBJ as the format says. Nothing here mutates its inputs.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import trimesh
+
+MeshFormat = Literal["obj", "ply", "glb"]
+MEDIA_TYPES: dict[str, str] = {"obj": "model/obj", "ply": "application/ply", "glb": "model/gltf-binary"}
+
+
+@dataclass(frozen=True)
+class MeshData:
+    """One mesh as numpy: vertices ``(N, 3)`` float, faces ``(F, 3)`` int 0-based, colours ``(N, 3)`` float in
+    [0, 1] (clamped on output), optional UVs ``(T, 2)`` with per-corner indices ``(F, 3)``."""
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    colors: np.ndarray | None = None
+    uvs: np.ndarray | None = None
+    uv_faces: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.vertices.ndim != 2 or self.vertices.shape[1] != 3:
+            raise ValueError(f"vertices must be (N, 3), got {self.vertices.shape}")
+        if self.faces.ndim != 2 or self.faces.shape[1] != 3:
+            raise ValueError(f"faces must be (F, 3), got {self.faces.shape}")
+        if self.colors is not None and self.colors.shape != self.vertices.shape:
+            raise ValueError("colors must be (N, 3) like vertices")
+        if (self.uvs is None) != (self.uv_faces is None):
+            raise ValueError("uvs and uv_faces go together")
+        if self.uv_faces is not None and self.uv_faces.shape != self.faces.shape:
+            raise ValueError("uv_faces must be (F, 3) like faces")
+
+    def colors_uint8(self) -> np.ndarray | None:
+        """The reference's ``uint8(clip(255 C))``."""
+        if self.colors is None:
+            return None
+        return (np.clip(self.colors, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _rows(fmt: str, arr: np.ndarray) -> str:
+    if arr.size == 0:
+        return ""
+    buf = io.StringIO()
+    np.savetxt(buf, arr, fmt=fmt)
+    return buf.getvalue()
+
+
+def to_obj(mesh: MeshData, *, mtl_name: str | None = None, material: str | None = None) -> bytes:
+    """Wavefront OBJ text: ``v x y z [r g b]`` (colours as the reference writes them: uint8/255), ``vt`` and
+    ``f v/vt`` when the mesh has UVs, optionally a ``mtllib``/``usemtl`` pair for a textured export."""
+    head = ["# facerecon reconstruction; units: decimetres; y up, z towards the camera\n"]
+    if mtl_name:
+        head.append(f"mtllib {mtl_name}\n")
+    c8 = mesh.colors_uint8()
+    v = mesh.vertices.astype(np.float64)
+    if c8 is not None:
+        body = [_rows("v %.6f %.6f %.6f %.6f %.6f %.6f", np.hstack([v, c8.astype(np.float64) / 255.0]))]
+    else:
+        body = [_rows("v %.6f %.6f %.6f", v)]
+    f1 = mesh.faces.astype(np.int64) + 1
+    if mesh.uvs is not None and mesh.uv_faces is not None:
+        body.append(_rows("vt %.6f %.6f", mesh.uvs.astype(np.float64)))
+        if material:
+            body.append(f"usemtl {material}\n")
+        t1 = mesh.uv_faces.astype(np.int64) + 1
+        body.append(_rows("f %d/%d %d/%d %d/%d", np.stack([f1, t1], axis=-1).reshape(-1, 6)))
+    else:
+        if material:
+            body.append(f"usemtl {material}\n")
+        body.append(_rows("f %d %d %d", f1))
+    return ("".join(head) + "".join(body)).encode()
+
+
+def _trimesh(mesh: MeshData) -> trimesh.Trimesh:
+    c8 = mesh.colors_uint8()
+    colors = None if c8 is None else np.hstack([c8, np.full((c8.shape[0], 1), 255, np.uint8)])
+    return trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, vertex_colors=colors, process=False)
+
+
+def to_ply(mesh: MeshData) -> bytes:
+    """Binary PLY with per-vertex RGBA colours."""
+    return trimesh.exchange.ply.export_ply(_trimesh(mesh), encoding="binary")
+
+
+def to_glb(mesh: MeshData) -> bytes:
+    """Binary glTF 2.0 with per-vertex colours (COLOR_0)."""
+    return trimesh.exchange.gltf.export_glb(_trimesh(mesh))
+
+
+def export_mesh(mesh: MeshData, fmt: MeshFormat) -> bytes:
+    if fmt == "obj":
+        return to_obj(mesh)
+    if fmt == "ply":
+        return to_ply(mesh)
+    if fmt == "glb":
+        return to_glb(mesh)
+    raise ValueError(f"unknown mesh format {fmt!r}; use one of obj, ply, glb")
+
+
+def load_mesh(data: bytes, fmt: MeshFormat) -> trimesh.Trimesh:
+    """Read a mesh back exactly as written (no merging or reordering of vertices)."""
+    return trimesh.load(io.BytesIO(data), file_type=fmt, force="mesh", process=False)
