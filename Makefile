@@ -17,7 +17,7 @@ install:
 	$(BIN)/python -m facerecon.warmup
 
 test:
-	$(BIN)/ruff check service client tests bench eval
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 bench:
