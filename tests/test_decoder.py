@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from facerecon import geometry
 from facerecon.coefficients import BFM_LAYOUT, CoefficientLayout, Coefficients
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from facerecon.coefficients import Coefficients
 from facerecon.export import MeshData, export_mesh, load_mesh, to_obj
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from facerecon.errors import ModelFileError
 from facerecon.facemodel.format import load_face_model, save_face_model
 

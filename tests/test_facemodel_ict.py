@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from scipy.spatial import ConvexHull
+
 from facerecon.coefficients import Coefficients
 from facerecon.facemodel import ict
 from facerecon.facemodel.format import load_face_model
-from scipy.spatial import ConvexHull
 
 from .conftest import ICT_MODEL, REPO, need_shared
 

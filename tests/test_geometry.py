@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-from facerecon import geometry
-from facerecon.geometry import Camera
 from scipy.spatial.transform import Rotation
 from scipy.special import sph_harm_y
+
+from facerecon import geometry
+from facerecon.geometry import Camera
 
 
 def test_rotation_matches_scipy_extrinsic_xyz() -> None:

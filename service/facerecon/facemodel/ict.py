@@ -8,7 +8,10 @@ Choices, and why:
 
 * **Vertices kept.** The contiguous parts 0-14061 (face, head and neck, mouth socket, both eye sockets: everything a
   photo of a head shows, with the inner mouth and eye sockets closing the holes behind lips and eyelids) plus the two
-  eyeballs 21451-24590, so that open eyes render as eyes rather than holes: 17,202 vertices. Teeth, gums, tongue,
+  eyeballs, so that open eyes render as eyes rather than holes: 15,662 vertices. Upstream each eye is two nested
+  spheres, an outer "sclera" shell (the transparent cornea over the iris in upstream renders) and an inner "iris"
+  sphere; we keep the inner sphere only and paint pupil, iris and sclera on it by the angle from its forward axis
+  (an opaque outer shell would hide the iris). Teeth, gums, tongue,
   lacrimal fluid, eye blend/occlusion layers and eyelashes are dropped (thin or hidden layers that a 224 crop does
   not resolve and that would only add self-intersections to the z-buffer).
 * **Triangles.** Quads split along their 0-2 diagonal, keeping the counter-clockwise (outward) winding.
@@ -63,13 +66,14 @@ PARTS: tuple[tuple[str, int, int], ...] = (
     ("mouth_socket", 11248, 13293),
     ("eye_socket_left", 13294, 13677),
     ("eye_socket_right", 13678, 14061),
-    ("sclera_left", 21451, 22220),
-    ("iris_left", 22221, 23020),
-    ("sclera_right", 23021, 23790),
-    ("iris_right", 23791, 24590),
+    ("eyeball_left", 22221, 23020),
+    ("eyeball_right", 23791, 24590),
 )
-#: Kept polygon ranges (inclusive): parts 0-4 and the two eyeballs.
-POLYGONS: tuple[tuple[int, int], ...] = ((0, 14033), (21496, 24691))
+#: Kept polygon ranges (inclusive): parts 0-4 and the two inner eyeball spheres (upstream "iris" parts).
+POLYGONS: tuple[tuple[int, int], ...] = ((0, 14033), (22296, 23093), (23894, 24691))
+#: Angular radii (degrees from the eyeball's forward axis) of the painted pupil and iris.
+PUPIL_DEGREES = 9.0
+IRIS_DEGREES = 21.0
 #: The narrow face area (upstream README), used as the photometric-loss region.
 NARROW_FACE_VERTICES = 6706
 NARROW_FACE_POLYGONS = 6560
@@ -209,8 +213,8 @@ def albedo_space(
     **Not learned from data.** Mean skin = the weight-averaged skin-class means of the reference's skin GMM
     (section 11), converted to RGB (it is the colour of lit skin in photos, which the 0.8-ambient lighting of the
     reference then reproduces at about 0.71x; the lighting coefficients absorb the brightness). Region colours for
-    lips, brows, sclera, iris and the inner mouth and eye sockets are hand-set. Every basis column is scaled so that
-    a coefficient of 1 is a plausible one-standard-deviation change:
+    lips, brows, the eyes (sclera, iris, pupil) and the inner mouth and eye sockets are hand-set. Every basis
+    column is scaled so that a coefficient of 1 is a plausible one-standard-deviation change:
 
     * 3 global colour modes along the principal axes of the skin GMM's component means (plus a luminance axis),
     * 15 smooth spatial modes: {x, y, x^2, y^2, xy} over the head x 3 colour axes,
@@ -267,14 +271,23 @@ def albedo_space(
     hair = _smooth(xy[:, 1] - (brow_top + 4.5), 1.0) * skin_part
     hair = np.maximum(hair, _smooth(-mean_shape_cm[:, 2] + lm[0, 2] - 2.0, 1.0) * is_region["head_neck"]
                       * _smooth(xy[:, 1] - lm[0, 1], 1.5))
-    iris = is_region["iris_left"] | is_region["iris_right"]
-    sclera = is_region["sclera_left"] | is_region["sclera_right"]
+    eyeball = is_region["eyeball_left"] | is_region["eyeball_right"]
+    angle = np.zeros(n)
+    for side in ("eyeball_left", "eyeball_right"):
+        sel = is_region[side]
+        centre = mean_shape_cm[sel].mean(0)
+        d = mean_shape_cm[sel] - centre
+        angle[sel] = np.degrees(np.arccos(np.clip(d[:, 2] / np.linalg.norm(d, axis=1), -1.0, 1.0)))
+    pupil = eyeball & (angle < PUPIL_DEGREES)
+    iris = eyeball & (angle >= PUPIL_DEGREES) & (angle < IRIS_DEGREES)
+    sclera = eyeball & (angle >= IRIS_DEGREES)
     sockets = is_region["mouth_socket"] | is_region["eye_socket_left"] | is_region["eye_socket_right"]
 
     region_colour(lips, (0.62, 0.32, 0.30))
     region_colour(np.ones(n, bool), (0.40, 0.28, 0.22), brows * 0.6)
     region_colour(sclera, (0.80, 0.76, 0.72))
     region_colour(iris, (0.30, 0.20, 0.13))
+    region_colour(pupil, (0.03, 0.03, 0.03))
     region_colour(is_region["mouth_socket"], (0.30, 0.10, 0.10))
     region_colour(is_region["eye_socket_left"] | is_region["eye_socket_right"], (0.45, 0.25, 0.22))
 
@@ -396,7 +409,7 @@ def build(source: Path, out: Path, *, basis_dtype: str = "float16") -> dict[str,
     card = FaceModelCard(
         name="ict",
         description=(
-            "ICT FaceKit light model: face, head, neck, inner mouth, eye sockets and eyeballs (17,202 vertices), "
+            "ICT FaceKit light model: face, head, neck, inner mouth, eye sockets and eyeballs (15,662 vertices), "
             "100 identity PCA modes, 53 ARKit-style expression blendshapes, principled albedo modes."
         ),
         licence="MIT",
@@ -410,7 +423,7 @@ def build(source: Path, out: Path, *, basis_dtype: str = "float16") -> dict[str,
         regions=regions,
         albedo=(
             "Not learned: mean skin tone from the reference skin GMM's skin-class means, hand-set region colours "
-            "(lips, brows, sclera, iris, inner mouth, eye sockets), and "
+            "(lips, brows, sclera/iris/pupil, inner mouth, eye sockets), and "
             f"{len(albedo_modes)} modes: " + ", ".join(albedo_modes)
         ),
         storage={
