@@ -1,0 +1,90 @@
+"""R-Net: the coefficient regressor (reference.md section 7).
+
+Input (exactly as the reference PyTorch code, "PT"): ``image`` ``(B, 3, 224, 224)`` float32, **RGB** channel order,
+values = 8-bit pixel / 255 in [0, 1], **no** mean/std normalisation, the 224x224 crop of the reference alignment
+(reference.md section 6). BGR or 0-255 input (the TF reference's convention) gives garbage, silently: convert first.
+
+Architecture: a ResNet trunk (:mod:`facerecon.nets.resnet`; ResNet-50 in the reference, ResNet-18 for a CPU-trainable
+default) whose pooled ``(B, C, 1, 1)`` features feed seven separate 1x1 convs with bias, sized by the face model's
+:class:`~facerecon.coefficients.CoefficientLayout`: id, exp, tex, angle (3), gamma (27), trans xy (2), trans z (1),
+concatenated in that order -> ``(B, layout.total)``. Module names (``backbone.*``, ``final_layers.{0..6}``) are the
+reference's, so the official checkpoint maps one to one (:mod:`facerecon.nets.checkpoint`). All head weights and
+biases start at zero, so a fresh R-Net predicts the mean face (neutral, frontal, at the origin, ambient light).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from facerecon.coefficients import CoefficientLayout, Coefficients
+from facerecon.nets.resnet import build_backbone
+
+__all__ = ["INPUT_SIZE", "ReconNet", "check_image", "head_sizes"]
+
+#: Side of the square network input, pixels.
+INPUT_SIZE = 224
+
+
+def head_sizes(layout: CoefficientLayout) -> tuple[int, ...]:
+    """Output sizes of the seven heads in order: id, exp, tex, angle, gamma, trans xy, trans z."""
+    return (layout.id, layout.exp, layout.tex, layout.angle, layout.gamma, 2, 1)
+
+
+def check_image(image: Tensor) -> None:
+    """Reject anything but a float ``(B, 3, 224, 224)`` tensor (skipped while tracing for export)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return
+    if image.ndim != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != (INPUT_SIZE, INPUT_SIZE):
+        raise ValueError(f"expected an RGB image batch (B, 3, {INPUT_SIZE}, {INPUT_SIZE}), got {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"expected float RGB in [0, 1] (pixel / 255), got dtype {image.dtype}")
+
+
+class ReconNet(nn.Module):
+    """ResNet trunk + seven zero-initialised 1x1-conv heads.
+
+    Args:
+        layout: the face model's coefficient layout (fixes the head sizes; ``layout.total`` outputs).
+        backbone: ``"resnet50"`` (the reference), ``"resnet34"`` or ``"resnet18"``.
+
+    Attributes:
+        layout, backbone_name, feature_dim (2048 for ResNet-50, 512 for ResNet-18/34).
+    """
+
+    def __init__(self, layout: CoefficientLayout, backbone: str = "resnet50") -> None:
+        super().__init__()
+        self.layout = layout
+        self.backbone_name = backbone
+        self.backbone = build_backbone(backbone)
+        self.feature_dim: int = self.backbone.feature_dim
+        self.final_layers = nn.ModuleList(
+            nn.Conv2d(self.feature_dim, k, kernel_size=1, bias=True) for k in head_sizes(layout)
+        )
+        self.zero_heads()
+
+    def zero_heads(self) -> None:
+        """Set every head weight and bias to zero (the reference's initialisation: the mean face)."""
+        with torch.no_grad():
+            for head in self.final_layers:
+                head.weight.zero_()
+                head.bias.zero_()
+
+    def forward_with_features(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """``image (B, 3, 224, 224)`` float32 RGB [0, 1] -> ``(coeffs (B, layout.total), features (B, C))`` float32.
+
+        ``features`` are the trunk's globally pooled activations (what the C-Net takes besides the image).
+        """
+        check_image(image)
+        pooled = self.backbone(image)  # (B, C, 1, 1)
+        coeffs = torch.cat([head(pooled) for head in self.final_layers], dim=1)
+        return torch.flatten(coeffs, 1), torch.flatten(pooled, 1)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """``image (B, 3, 224, 224)`` float32 RGB [0, 1] -> ``coeffs (B, layout.total)`` float32."""
+        return self.forward_with_features(image)[0]
+
+    def predict(self, image: Tensor) -> Coefficients:
+        """Named coefficients for ``image (B, 3, 224, 224)`` (no gradient; the caller chooses eval/train mode)."""
+        with torch.no_grad():
+            return Coefficients.from_vector(self(image), self.layout)
