@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from facerecon import __version__
 from facerecon.config import get_settings
@@ -74,6 +75,59 @@ def _models_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reconstruct(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from tqdm import tqdm
+
+    from facerecon.imaging import load_image
+    from facerecon.pipeline import Reconstructor
+    from facerecon.render.overlay import save_png
+
+    settings = get_settings()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rec = Reconstructor(settings)
+    refine = None if args.refine is None else args.refine
+    failures = 0
+
+    def write(stem: str, image: Any, r: Any) -> None:
+        folder = out / stem
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"mesh.{args.format}").write_bytes(rec.export(r, args.format))
+        save_png(rec.overlay(image, r), folder / "overlay.png")
+        (folder / "coefficients.json").write_text(_json.dumps(rec.to_json(r), indent=1))
+
+    if args.set:
+        images = []
+        for p in args.photos:
+            images.append(load_image(p, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels))
+        result = rec.reconstruct_set(images, refine=refine)
+        for p, image, r in zip(args.photos, images, result.items, strict=True):
+            write(Path(p).stem, image, r)
+        from facerecon.export import export_mesh
+
+        (out / f"identity.{args.format}").write_bytes(export_mesh(rec.identity_mesh(result), args.format))
+        print(f"wrote {len(result.items)} photos and the set's identity mesh to {out}")
+        return 0
+
+    for p in tqdm(args.photos, desc="reconstruct", unit="photo", disable=len(args.photos) < 2):
+        stem = Path(p).stem
+        try:
+            image = load_image(p, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+            results = rec.reconstruct(image, which=args.faces, refine=refine)
+        except FaceReconError as exc:
+            failures += 1
+            log.error("%s: %s", p, exc.message)
+            continue
+        for k, r in enumerate(results):
+            write(stem if len(results) == 1 else f"{stem}_face{k}", image, r)
+        log.info("%s: %d face(s), mode %s, landmark error %.2f px", p, len(results), results[0].mode,
+                 results[0].landmark_error_px)
+    print(f"reconstructed {len(args.photos) - failures} of {len(args.photos)} photos into {out}")
+    return 1 if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facerecon", description="3D face reconstruction from photos (Deep3DFaceRecon)")
     p.add_argument("--version", action="version", version=f"facerecon {__version__}")
@@ -98,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", help="output .npz (default: <models-dir>/<kind>/facemodel.npz)")
     bd.add_argument("--models-dir")
     bd.set_defaults(func=_models_build)
+
+    rc = sub.add_parser("reconstruct", help="reconstruct faces from photos: mesh, coefficients.json, overlay.png")
+    rc.add_argument("photos", nargs="+", help="photo files (JPEG, PNG, WebP, BMP, ...)")
+    rc.add_argument("--out", default="out", help="output folder (one sub-folder per photo/face)")
+    rc.add_argument("--set", action="store_true", help="the photos show one person: aggregate one identity")
+    rc.add_argument("--refine", dest="refine", action="store_true", default=None,
+                    help="test-time fitting after R-Net (always on without an R-Net)")
+    rc.add_argument("--no-refine", dest="refine", action="store_false")
+    rc.add_argument("--format", choices=["obj", "ply", "glb"], default="obj")
+    rc.add_argument("--faces", choices=["largest", "all"], default="largest")
+    rc.set_defaults(func=_reconstruct)
     return p
 
 

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     face_model: str = Field("ict", description="name of the face model to serve (a sub-folder of models_dir)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for decoding/fitting")
     renderer: Literal["auto", "cpu", "nvdiffrast"] = Field("auto", description="rasteriser backend")
+    use_networks: bool = Field(True, description="use the R-Net/C-Net installed beside the face model, if any")
+    refine: bool = Field(True, description="test-time fitting after R-Net by default (always on without R-Net)")
     # Input limits.
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest accepted upload, bytes")
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest accepted image, width x height")
