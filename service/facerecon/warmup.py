@@ -23,12 +23,10 @@ def main() -> None:
     model = FaceModel.from_file(resolve(settings.models_dir, settings.face_model))
     out = FaceDecoder(model)(Coefficients.zeros(model.layout))
     log.info("face model %s decoded in %.2f s", model.name, time.perf_counter() - t0)
-    try:
-        from facerecon.render import get_renderer
-    except ImportError:  # the renderer module is optional at this stage of the install
-        return
+    from facerecon.render import get_renderer
     t0 = time.perf_counter()
     renderer = get_renderer("cpu")
+    renderer.warmup()  # compiles (and caches on disk) the forward and gradient kernels
     renderer.render(out.vertices_cam, model.triangles, out.colors, Camera().intrinsics)
     log.info("CPU rasteriser compiled and cached in %.2f s", time.perf_counter() - t0)
 
