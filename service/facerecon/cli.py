@@ -128,6 +128,16 @@ def _reconstruct(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _models_import_checkpoint(args: argparse.Namespace) -> int:
+    from facerecon.nets.checkpoint import import_official
+
+    models_dir = Path(args.models_dir or get_settings().models_dir)
+    out_dir = Path(args.out) if args.out else models_dir / "bfm"
+    card = import_official(Path(args.checkpoint), out_dir)
+    print(f"wrote {card} and its ONNX network; serve it with FACERECON_FACE_MODEL=bfm")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facerecon", description="3D face reconstruction from photos (Deep3DFaceRecon)")
     p.add_argument("--version", action="version", version=f"facerecon {__version__}")
@@ -152,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", help="output .npz (default: <models-dir>/<kind>/facemodel.npz)")
     bd.add_argument("--models-dir")
     bd.set_defaults(func=_models_build)
+    ic = msub.add_parser("import-checkpoint", help="import the official Deep3DFaceRecon epoch_20.pth (BFM R-Net)")
+    ic.add_argument("checkpoint", help="checkpoints/<name>/epoch_20.pth")
+    ic.add_argument("--out", help="output folder (default: <models-dir>/bfm, beside the converted BFM)")
+    ic.add_argument("--models-dir")
+    ic.set_defaults(func=_models_import_checkpoint)
 
     rc = sub.add_parser("reconstruct", help="reconstruct faces from photos: mesh, coefficients.json, overlay.png")
     rc.add_argument("photos", nargs="+", help="photo files (JPEG, PNG, WebP, BMP, ...)")
