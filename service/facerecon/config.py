@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     face_model: str = Field("ict", description="name of the face model to serve (a sub-folder of models_dir)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for decoding/fitting")
     renderer: Literal["auto", "cpu", "nvdiffrast"] = Field("auto", description="rasteriser backend")
+    torch_threads: int = Field(
+        1, ge=0, description="torch intra-op threads (1: bit-reproducible results; 0: torch's default)"
+    )
     use_networks: bool = Field(True, description="use the R-Net/C-Net installed beside the face model, if any")
     refine: bool = Field(True, description="test-time fitting after R-Net by default (always on without R-Net)")
     # Input limits.
@@ -39,6 +42,14 @@ class Settings(BaseSettings):
     max_batch: int = Field(8, gt=0, description="micro-batch size on GPU")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill, ms")
     log_level: str = "INFO"
+    # HTTP service (facerecon.api).
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="deadline of one HTTP request (upload + queue + inference): 408/504 past it")
+    graceful_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish before the server exits")
+    warmup: bool = Field(True, description="run one inference at start-up before /readyz turns ready")
+    warmup_image: Path | None = Field(
+        None, description="photo for the warm-up inference (default: a face rendered from the model's mean)")
 
 
 @lru_cache(maxsize=1)
