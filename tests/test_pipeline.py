@@ -112,3 +112,20 @@ def test_cli_reconstruct_reports_bad_photos_and_finishes_the_rest(tmp_path: Path
     doc = json.loads((folder / "coefficients.json").read_text())
     assert doc["mode"] in {"fit", "rnet", "rnet+fit"} and len(doc["landmarks68"]) == 68
     assert "reconstructed 1 of 2" in run.stdout
+
+
+def test_cli_textured_obj_loads_with_its_texture(tmp_path: Path) -> None:
+    import trimesh
+
+    photo = need_shared("data", "deep3d-examples", "000031.jpg")
+    run = subprocess.run(
+        [sys.executable, "-m", "facerecon.cli", "reconstruct", str(photo), "--out", str(tmp_path), "--texture",
+         "photo"], capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    folder = tmp_path / "000031"
+    assert {"mesh.obj", "mesh.mtl", "texture.png", "overlay.png", "coefficients.json"} <= {
+        p.name for p in folder.iterdir()}
+    mesh = trimesh.load(folder / "mesh.obj", process=False)
+    assert mesh.visual.material.image is not None
+    assert mesh.visual.material.image.size == Image.open(folder / "texture.png").size

@@ -94,7 +94,11 @@ def _reconstruct(args: argparse.Namespace) -> int:
     def write(stem: str, image: Any, r: Any) -> None:
         folder = out / stem
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"mesh.{args.format}").write_bytes(rec.export(r, args.format))
+        if args.texture != "none" and args.format in ("obj", "glb") and rec.model.has_uvs:
+            for name, data in rec.export_textured(image, r, args.format, args.texture).items():
+                (folder / name).write_bytes(data)
+        else:
+            (folder / f"mesh.{args.format}").write_bytes(rec.export(r, args.format))
         save_png(rec.overlay(image, r), folder / "overlay.png")
         (folder / "coefficients.json").write_text(_json.dumps(rec.to_json(r), indent=1))
 
@@ -177,7 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--no-refine", dest="refine", action="store_false")
     rc.add_argument("--format", choices=["obj", "ply", "glb"], default="obj")
     rc.add_argument("--faces", choices=["largest", "all"], default="largest")
+    rc.add_argument("--texture", choices=["none", "photo", "albedo"], default="none",
+                    help="OBJ/GLB with a UV texture: the photo's colours or the fitted albedo")
     rc.set_defaults(func=_reconstruct)
+
+    from facerecon.api.server import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="run the HTTP service (settings: FACERECON_* variables)"))
     return p
 
 

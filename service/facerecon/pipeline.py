@@ -362,6 +362,25 @@ class Reconstructor:
         with _timed(rec.timings, "export"):
             return export_mesh(self.mesh(rec.decoded, uv=fmt == "obj"), fmt)
 
+    def export_textured(self, image: np.ndarray, rec: Reconstruction, fmt: Literal["obj", "glb"],
+                        kind: Literal["photo", "albedo"] = "photo", size: int = 1024) -> dict[str, bytes]:
+        """A textured mesh: ``{"mesh.obj", "mesh.mtl", "texture.png"}`` for OBJ, ``{"mesh.glb"}`` for GLB.
+
+        ``kind="photo"``: the photo's colours sampled into the UV map where visible (mirrored/filled elsewhere);
+        ``"albedo"``: the fitted model's de-lit albedo. Needs a face model with UVs (the default); raises
+        ValueError otherwise (a model without UVs keeps per-vertex colours).
+        """
+        from facerecon.texture import make_texture, textured_glb, textured_obj
+
+        with _timed(rec.timings, "texture"), self._lock:
+            tex = make_texture(rec, self.model, image, kind, size=size, camera=self.decoder.camera,
+                               renderer=self.renderer)
+            if fmt == "obj":
+                return textured_obj(rec, self.model, image, kind, texture=tex, camera=self.decoder.camera,
+                                    renderer=self.renderer)
+            return {"mesh.glb": textured_glb(rec, self.model, image, kind, texture=tex, camera=self.decoder.camera,
+                                             renderer=self.renderer)}
+
     def identity_mesh(self, rec: SetReconstruction) -> MeshData:
         with torch.no_grad():
             return self.mesh(self.decoder(rec.identity))
