@@ -1,0 +1,201 @@
+"""Typed results (pydantic). Binary files the service embeds in JSON as base64 arrive here as ``bytes``.
+
+Units and frames as the service documents them: photo pixels with y down, angles in degrees in ``pose``,
+mesh units of the face model (decimetres for the shipped models). Unknown fields from a newer service are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "Alignment",
+    "Coefficients",
+    "Face",
+    "IdentityCoefficients",
+    "ImageResult",
+    "MeshResult",
+    "ModelInfo",
+    "Pose",
+    "Reconstruction",
+    "SetItem",
+    "SetReconstruction",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+def _unpack_files(data: Any, *names: str) -> Any:
+    """``{"mesh": {"format": "obj", "data": "<base64>"}}`` -> ``{"mesh": b"...", "mesh_format": "obj"}``."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for name in names:
+        value = data.get(name)
+        if isinstance(value, dict) and "data" in value:
+            data[name] = base64.b64decode(value["data"])
+            data[f"{name}_format"] = value.get("format")
+    return data
+
+
+class Pose(_Model):
+    """Head rotation, degrees."""
+
+    pitch: float
+    yaw: float
+    roll: float
+
+
+class Coefficients(_Model):
+    """The coefficient vector by group name: identity, expression, albedo, angle (radians), lighting (27 SH),
+    translation."""
+
+    id: list[float]
+    exp: list[float]
+    tex: list[float]
+    angle: list[float]
+    gamma: list[float]
+    trans: list[float]
+
+
+class Alignment(_Model):
+    """The 224-pixel crop transform (the reference's ``trans_params`` = [w0, h0, sigma, tx, ty])."""
+
+    w0: int
+    h0: int
+    sigma: float
+    tx: float
+    ty: float
+    trans_params: list[float]
+
+
+class Face(_Model):
+    """One reconstructed face of a photo."""
+
+    index: int
+    mode: str = Field(description="rnet, rnet+fit or fit")
+    box: list[float] = Field(description="(x0, y0, x1, y1), photo px")
+    score: float | None = None
+    coefficients: Coefficients
+    expressions: dict[str, float] | None = Field(None, description="exp by blendshape name, when named")
+    pose: Pose = Field(validation_alias="pose_degrees")
+    landmarks68: list[tuple[float, float]] = Field(description="reprojected 68 landmarks, photo px, y down")
+    detected_landmarks68: list[tuple[float, float]]
+    landmark_error_crop_px: float
+    alignment: Alignment
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    mesh: bytes | None = Field(None, description="the mesh file, when asked for (include mesh)")
+    mesh_format: str | None = None
+    overlay: bytes | None = Field(None, description="PNG of the face over the photo, when asked for")
+    overlay_format: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedded_files(cls, data: Any) -> Any:
+        return _unpack_files(data, "mesh", "overlay")
+
+
+class Reconstruction(_Model):
+    """``reconstruct()``: the faces of one photo (one unless ``faces="all"``), largest first."""
+
+    face_model: str
+    layout: dict[str, int]
+    photo_size: tuple[int, int]
+    face_count: int
+    faces: list[Face]
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def face(self) -> Face:
+        """The largest face."""
+        return self.faces[0]
+
+
+class IdentityCoefficients(_Model):
+    id: list[float]
+    tex: list[float]
+
+
+class SetItem(_Model):
+    """Per-photo results of a set."""
+
+    index: int
+    mode: str
+    box: list[float]
+    pose: Pose = Field(validation_alias="pose_degrees")
+    angle: list[float]
+    expression: list[float]
+    expressions: dict[str, float] | None = None
+    lighting: list[float]
+    translation: list[float]
+    landmarks68: list[tuple[float, float]]
+    landmark_error_crop_px: float
+    alignment: Alignment
+    photo_size: tuple[int, int]
+    overlay: bytes | None = None
+    overlay_format: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedded_files(cls, data: Any) -> Any:
+        return _unpack_files(data, "overlay")
+
+
+class SetReconstruction(_Model):
+    """``reconstruct_set()``: one identity from several photos of one person."""
+
+    face_model: str
+    layout: dict[str, int]
+    mode: str
+    aggregation: str
+    image_count: int
+    identity: IdentityCoefficients
+    items: list[SetItem]
+    identity_mesh: bytes | None = None
+    identity_mesh_format: str | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedded_files(cls, data: Any) -> Any:
+        return _unpack_files(data, "identity_mesh")
+
+
+class MeshResult(_Model):
+    """A mesh file the service returned as the response body."""
+
+    data: bytes
+    format: str
+    media_type: str
+    face_count: int = 1
+    faces_detected: int | None = Field(None, description="faces in the photo, when faces='all' was asked")
+    mode: str | None = None
+    server_timing: dict[str, float] = Field(default_factory=dict, description="stage -> ms")
+
+
+class ImageResult(_Model):
+    """A PNG the service returned (the overlay)."""
+
+    data: bytes
+    media_type: str
+    face_count: int = 1
+    mode: str | None = None
+    server_timing: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelInfo(_Model):
+    """``GET /v1/models``."""
+
+    version: str
+    face_model: dict[str, Any]
+    device: str
+    renderer: str
+    rnet: dict[str, Any] | None = None
+    cnet: dict[str, Any] | None = None
+    default_mode: str
+    limits: dict[str, Any] = Field(default_factory=dict)

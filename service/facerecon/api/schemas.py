@@ -1,0 +1,285 @@
+"""The HTTP API's pydantic models: the request options (multipart form fields) and every JSON response. They
+generate the OpenAPI document users read (``/docs``, ``/openapi.json``), so every field says its units and frame.
+
+Frames: photo coordinates are pixels, x right, **y down**, integer = pixel centre (as the engine). Angles are
+degrees in the responses (the coefficient vector keeps the model's radians). Mesh units are the face model's
+(decimetres for the shipped models).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from facerecon.coefficients import CoefficientLayout
+from facerecon.facemodel.format import FaceModelCard
+
+__all__ = [
+    "MESH_FORMATS",
+    "AlignmentOut",
+    "CoefficientsOut",
+    "EncodedFile",
+    "ErrorBody",
+    "ErrorResponse",
+    "FaceResult",
+    "HealthResponse",
+    "IdentityCoefficients",
+    "MeshFormat",
+    "ModelsResponse",
+    "OutputFormat",
+    "Pose",
+    "ReadyResponse",
+    "ReconstructOptions",
+    "ReconstructResponse",
+    "ServiceLimits",
+    "SetItem",
+    "SetOptions",
+    "SetOutputFormat",
+    "SetResponse",
+]
+
+MeshFormat = Literal["obj", "glb", "ply"]
+OutputFormat = Literal["obj", "glb", "ply", "json", "png"]
+SetOutputFormat = Literal["json", "obj", "glb", "ply"]
+MESH_FORMATS: tuple[str, ...] = ("obj", "glb", "ply")
+Include = Literal["mesh", "overlay"]
+Point2 = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    code: str = Field(description="machine-readable error code, e.g. `no_face`, `image_too_large`, `overloaded`",
+                      examples=["no_face"])
+    message: str = Field(description="what went wrong, for people", examples=["no face found in the photo"])
+    details: dict[str, Any] = Field(default_factory=dict, description="code-specific facts (limits, indices, ...)")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer of the API has this shape (503s add a `Retry-After` header, in seconds)."""
+
+    error: ErrorBody
+
+
+# -- request options ----------------------------------------------------------------------------------------------
+def _split_include(v: Any) -> Any:
+    """``include`` as comma-separated text and/or repeated fields: ``"mesh,overlay"`` or ``["mesh", "overlay"]``."""
+    if v is None:
+        return []
+    items = [v] if isinstance(v, str) else list(v) if isinstance(v, list | tuple | set) else v
+    if not isinstance(items, list):
+        return v
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, str):
+            out.extend(p.strip() for p in item.split(",") if p.strip())
+        else:
+            out.append(item)
+    return out
+
+
+class ReconstructOptions(BaseModel):
+    """Form fields of ``POST /v1/reconstruct`` (besides the `image` file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: OutputFormat | None = Field(
+        None, description="output: `obj` (default), `glb`, `ply`, `json` or `png` (the overlay); overrides `Accept`")
+    faces: Literal["largest", "all"] = Field(
+        "largest", description="`largest` face, or `all` faces (JSON: every face; PNG: every face drawn; mesh "
+                               "formats: the largest face's mesh, with `X-Faces-Detected` giving the count)")
+    refine: bool | None = Field(
+        None, description="test-time fitting after R-Net (default: the model's default mode; always on without "
+                          "an R-Net)")
+    include: list[Include] = Field(
+        default_factory=list, description="JSON only: embed `mesh` and/or `overlay` (base64), e.g. `mesh,overlay`")
+    mesh_format: MeshFormat = Field("obj", description="format of a mesh embedded in JSON (`include=mesh`)")
+
+    _split = field_validator("include", mode="before")(_split_include)
+
+
+class SetOptions(BaseModel):
+    """Form fields of ``POST /v1/reconstruct/set`` (besides the `images` files)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: SetOutputFormat | None = Field(
+        None, description="`json` (default) or the identity mesh itself as `obj`, `glb` or `ply`; overrides `Accept`")
+    refine: bool | None = Field(None, description="test-time fitting after R-Net (see /v1/reconstruct)")
+    include: list[Include] = Field(
+        default_factory=lambda: ["mesh"],
+        description="JSON only: `mesh` (the identity mesh, default) and/or `overlay` (per photo); an empty value "
+                    "embeds neither")
+    mesh_format: MeshFormat = Field("obj", description="format of the identity mesh embedded in JSON")
+
+    _split = field_validator("include", mode="before")(_split_include)
+
+
+# -- reconstruction results ---------------------------------------------------------------------------------------
+class EncodedFile(BaseModel):
+    """A binary file embedded in JSON."""
+
+    format: str = Field(description="`obj`, `glb`, `ply` or `png`")
+    media_type: str = Field(description="its MIME type, e.g. `model/obj`")
+    encoding: Literal["base64"] = "base64"
+    data: str = Field(description="the file, base64 (RFC 4648, with padding)")
+
+    @classmethod
+    def of(cls, data: bytes, fmt: str, media_type: str) -> EncodedFile:
+        return cls(format=fmt, media_type=media_type, data=base64.b64encode(data).decode("ascii"))
+
+
+class CoefficientsOut(BaseModel):
+    """The coefficient vector by group name (sizes in the model's `layout`)."""
+
+    id: list[float] = Field(description="identity shape coefficients")
+    exp: list[float] = Field(description="expression coefficients (blendshape weights for blendshape models)")
+    tex: list[float] = Field(description="albedo coefficients")
+    angle: list[float] = Field(description="(pitch, yaw, roll), radians", min_length=3, max_length=3)
+    gamma: list[float] = Field(description="spherical-harmonics lighting, 27 values, channel-major R, G, B",
+                               min_length=27, max_length=27)
+    trans: list[float] = Field(description="translation (x, y, z), model units (decimetres)",
+                               min_length=3, max_length=3)
+
+
+class Pose(BaseModel):
+    """Head rotation in degrees (the model frame: x right, y up, z towards the camera)."""
+
+    pitch: float = Field(description="rotation about x, degrees")
+    yaw: float = Field(description="rotation about y, degrees")
+    roll: float = Field(description="rotation about z, degrees")
+
+
+class AlignmentOut(BaseModel):
+    """The 224-pixel crop transform (the reference's `trans_params` and the derived integers)."""
+
+    w0: int = Field(description="photo width, px")
+    h0: int = Field(description="photo height, px")
+    sigma: float = Field(description="resize factor (resized px per photo px)")
+    tx: float = Field(description="model origin x in the photo, px (y-up frame)")
+    ty: float = Field(description="model origin y in the photo, px (y-up frame)")
+    w: int = Field(description="resized photo width, px")
+    h: int = Field(description="resized photo height, px")
+    left: int = Field(description="crop left edge in the resized photo, px")
+    up: int = Field(description="crop top edge in the resized photo, px")
+    size: int = Field(description="crop side, px")
+    trans_params: list[float] = Field(description="the reference's [w0, h0, sigma, tx, ty]")
+
+
+class FaceResult(BaseModel):
+    """One reconstructed face."""
+
+    index: int = Field(description="0 = the largest face; faces are ordered by box area")
+    mode: str = Field(description="`rnet`, `rnet+fit` or `fit` (test-time fitting from the mean face)")
+    box: list[float] = Field(description="detector box (x0, y0, x1, y1), photo px, y down", min_length=4,
+                             max_length=4)
+    score: float | None = Field(None, description="detector confidence")
+    coefficients: CoefficientsOut
+    expressions: dict[str, float] | None = Field(
+        None, description="the `exp` coefficients by blendshape name, for models that name them")
+    pose_degrees: Pose
+    landmarks68: list[Point2] = Field(
+        description="the reconstruction's 68 landmarks (iBUG order) reprojected into the photo, px, y down",
+        min_length=68, max_length=68)
+    detected_landmarks68: list[Point2] = Field(description="the detector's 68 landmarks, photo px, y down",
+                                               min_length=68, max_length=68)
+    landmark_error_crop_px: float = Field(description="mean distance between the two landmark sets, crop px")
+    alignment: AlignmentOut
+    timings_ms: dict[str, float] = Field(description="pipeline stage -> milliseconds for this face")
+    mesh: EncodedFile | None = Field(None, description="the posed mesh, when `include=mesh`")
+    overlay: EncodedFile | None = Field(None, description="this face drawn over the photo (PNG), when "
+                                                          "`include=overlay`")
+
+
+class ReconstructResponse(BaseModel):
+    """`POST /v1/reconstruct` as JSON: always a list of faces (one with `faces=largest`)."""
+
+    face_model: str = Field(description="name of the face model")
+    layout: CoefficientLayout = Field(description="sizes of the coefficient groups")
+    photo_size: list[int] = Field(description="(width, height) of the decoded, EXIF-rotated photo, px",
+                                  min_length=2, max_length=2)
+    face_count: int = Field(description="number of faces returned")
+    faces: list[FaceResult]
+    timings_ms: dict[str, float] = Field(description="request stages -> milliseconds (upload, queue, pipeline, ...)")
+
+
+class IdentityCoefficients(BaseModel):
+    """The identity shared by every photo of a set."""
+
+    id: list[float] = Field(description="identity shape coefficients")
+    tex: list[float] = Field(description="albedo coefficients")
+
+
+class SetItem(BaseModel):
+    """Per-photo results of a set: what varies between photos of one person."""
+
+    index: int = Field(description="position of the photo in the request")
+    mode: str
+    box: list[float] = Field(min_length=4, max_length=4, description="detector box, photo px, y down")
+    pose_degrees: Pose
+    angle: list[float] = Field(description="(pitch, yaw, roll), radians", min_length=3, max_length=3)
+    expression: list[float] = Field(description="`exp` coefficients")
+    expressions: dict[str, float] | None = Field(None, description="`exp` by blendshape name, when named")
+    lighting: list[float] = Field(description="`gamma`: 27 SH lighting coefficients", min_length=27, max_length=27)
+    translation: list[float] = Field(description="`trans`, model units", min_length=3, max_length=3)
+    landmarks68: list[Point2] = Field(description="reprojected 68 landmarks, photo px, y down", min_length=68,
+                                      max_length=68)
+    landmark_error_crop_px: float
+    alignment: AlignmentOut
+    photo_size: list[int] = Field(min_length=2, max_length=2)
+    overlay: EncodedFile | None = Field(None, description="the face drawn over this photo, when `include=overlay`")
+
+
+class SetResponse(BaseModel):
+    """`POST /v1/reconstruct/set` as JSON."""
+
+    face_model: str
+    layout: CoefficientLayout
+    mode: str = Field(description="`rnet`, `rnet+fit` or `fit`")
+    aggregation: str = Field(description="how the identity was combined (`shared-identity fit` or `mean`)")
+    image_count: int
+    identity: IdentityCoefficients
+    items: list[SetItem]
+    identity_mesh: EncodedFile | None = Field(
+        None, description="the identity's neutral, frontal mesh (default; omit with an empty `include`)")
+    timings_ms: dict[str, float]
+
+
+# -- service ------------------------------------------------------------------------------------------------------
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    face_model: str | None = None
+    load_ms: float | None = Field(None, description="model loading time")
+    warmup_ms: float | None = Field(None, description="warm-up inference time")
+
+
+class ServiceLimits(BaseModel):
+    max_upload_bytes: int
+    max_image_pixels: int
+    max_set_images: int
+    workers: int
+    queue_size: int
+    micro_batching: bool
+    max_batch: int
+    max_wait_ms: float
+    request_timeout_s: float
+
+
+class ModelsResponse(BaseModel):
+    """`GET /v1/models`: the loaded model card and the backends serving it."""
+
+    version: str = Field(description="facerecon version")
+    face_model: FaceModelCard
+    device: str = Field(description="torch device")
+    renderer: str = Field(description="rasteriser backend")
+    rnet: dict[str, Any] | None = Field(
+        None, description="the installed R-Net (its card and ONNX Runtime execution providers), null when none")
+    cnet: dict[str, Any] | None = Field(
+        None, description="the installed C-Net for image sets (card, providers), null when none")
+    default_mode: str = Field(description="`rnet` or `rnet+fit` with an R-Net, else `fit` (fitting from the mean)")
+    limits: ServiceLimits

@@ -1,0 +1,260 @@
+"""The client SDK: against a live server with the real pipeline (sync and async), and its retry logic against
+``httpx.MockTransport``."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from facerecon.api.app import create_app
+from facerecon.api.server import serve_in_thread
+from facerecon.config import Settings
+from facerecon_client import (
+    AsyncFaceReconClient,
+    FaceReconClient,
+    ImageTooLarge,
+    InvalidInput,
+    NoFaceFound,
+    NotAnImage,
+    Overloaded,
+    Reconstruction,
+    RetryPolicy,
+    ServiceError,
+    SetReconstruction,
+    TransportError,
+)
+from facerecon_client.__main__ import main as client_cli
+from tests.conftest import EXAMPLES, need_shared
+
+pytestmark = pytest.mark.timeout(300)
+
+PHOTO = "000002.jpg"
+SET_PHOTOS = ("Aaron_Peirsol_0001.jpg", "Aaron_Peirsol_0003.jpg", "Aaron_Peirsol_0004.jpg")
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    need_shared("data", "deep3d-examples", PHOTO)
+    settings = Settings(workers=1, queue_size=8, max_set_images=4, request_timeout_s=240.0, graceful_timeout_s=5.0)
+    with serve_in_thread(create_app(settings), settings) as server:
+        with FaceReconClient(server.url) as client:
+            client.wait_ready(timeout=240)
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def n_vertices(url: str) -> int:
+    with FaceReconClient(url) as client:
+        info = client.models()
+    assert info.face_model["name"] == "ict" and info.limits["max_set_images"] == 4
+    return int(info.face_model["n_vertices"])
+
+
+def obj_vertex_count(data: bytes) -> int:
+    return sum(1 for line in data.splitlines() if line.startswith(b"v "))
+
+
+# -- live server ----------------------------------------------------------------------------------------------
+def test_sync_reconstruct_typed_result(url: str, n_vertices: int) -> None:
+    with FaceReconClient(url, timeout=240) as client:
+        assert client.health() is True and client.ready() is True
+        result = client.reconstruct(EXAMPLES / PHOTO, include=("mesh", "overlay"))
+    assert isinstance(result, Reconstruction)
+    face = result.face
+    assert result.face_count == 1 and face.index == 0
+    layout = result.layout
+    assert len(face.coefficients.id) == layout["id"] and len(face.coefficients.exp) == layout["exp"]
+    assert len(face.coefficients.gamma) == 27 and len(face.coefficients.trans) == 3
+    assert face.expressions is not None and len(face.expressions) == layout["exp"]
+    assert len(face.landmarks68) == 68
+    w, h = result.photo_size
+    assert all(0 <= x < w and 0 <= y < h for x, y in face.landmarks68)
+    assert abs(face.pose.yaw) < 60
+    assert face.mesh is not None and face.mesh_format == "obj"
+    assert obj_vertex_count(face.mesh) == n_vertices
+    assert face.overlay is not None and face.overlay.startswith(b"\x89PNG")
+
+
+def test_async_set_and_errors(url: str, n_vertices: int) -> None:
+    paths = [need_shared("data", "faces-train", "lfw", name) for name in SET_PHOTOS]
+
+    async def scenario() -> tuple[SetReconstruction, ServiceError, ServiceError]:
+        async with AsyncFaceReconClient(url, timeout=240) as client:
+            assert await client.ready()
+            result = await client.reconstruct_set(paths)
+            with pytest.raises(ServiceError) as not_image:
+                await client.reconstruct(b"this is not a photo")
+            with pytest.raises(ServiceError) as too_many:
+                await client.reconstruct_set([paths[0]] * 5)
+        return result, not_image.value, too_many.value
+
+    result, not_image, too_many = asyncio.run(scenario())
+    assert result.image_count == 3 and len(result.items) == 3
+    assert len(result.identity.id) == result.layout["id"]
+    assert all(len(item.landmarks68) == 68 for item in result.items)
+    assert result.identity_mesh is not None and obj_vertex_count(result.identity_mesh) == n_vertices
+    assert isinstance(not_image, NotAnImage) and isinstance(not_image, InvalidInput)
+    assert not_image.code == "not_an_image" and not_image.status == 415
+    assert too_many.code == "too_many_images" and too_many.status == 422 and too_many.details["limit"] == 4
+
+
+def test_sync_errors_carry_the_service_code(url: str, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    with FaceReconClient(url) as client:
+        with pytest.raises(NotAnImage) as info:
+            client.mesh(notes)
+        assert info.value.code == "not_an_image" and info.value.message
+        import numpy as np
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(np.full((120, 160, 3), 90, np.uint8)).save(buf, format="PNG")
+        with pytest.raises(NoFaceFound) as info2:
+            client.overlay(io.BytesIO(buf.getvalue()))
+        assert info2.value.code == "no_face"
+
+
+def test_cli_writes_the_mesh(url: str, tmp_path: Path, n_vertices: int, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mesh.obj"
+    assert client_cli([url, str(EXAMPLES / PHOTO), "--out", str(out)]) == 0
+    assert obj_vertex_count(out.read_bytes()) == n_vertices
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    assert client_cli([url, str(notes), "--out", str(tmp_path / "x.obj")]) == 1
+    assert "not_an_image" in capsys.readouterr().err
+
+
+def test_unreachable_service_is_a_transport_error() -> None:
+    with FaceReconClient("http://127.0.0.1:9", retry=RetryPolicy(max_attempts=2, backoff=0.01)) as client, \
+            pytest.raises(TransportError):
+        client.health()
+
+
+# -- retries (MockTransport) ----------------------------------------------------------------------------------
+def _overloaded(retry_after: str | None) -> httpx.Response:
+    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    body = {"error": {"code": "overloaded", "message": "busy", "details": {}}}
+    return httpx.Response(503, json=body, headers=headers)
+
+
+def _mesh_ok() -> httpx.Response:
+    return httpx.Response(200, content=b"v 0 0 0\n", headers={
+        "content-type": "model/obj", "x-face-count": "1", "x-reconstruction-mode": "fit",
+        "server-timing": "fit;dur=12.5, total;dur=20.0"})
+
+
+def _script(*responses: httpx.Response) -> tuple[list[httpx.Request], httpx.MockTransport]:
+    seen: list[httpx.Request] = []
+    queue = list(responses)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return queue.pop(0)
+
+    return seen, httpx.MockTransport(handler)
+
+
+def test_retry_honours_retry_after_sync() -> None:
+    seen, transport = _script(_overloaded("2"), _overloaded("1"), _mesh_ok())
+    slept: list[float] = []
+    with FaceReconClient("http://svc", transport=transport, sleep=slept.append) as client:
+        result = client.mesh(b"\xff\xd8 photo")
+    assert slept == [2.0, 1.0] and len(seen) == 3
+    assert result.data == b"v 0 0 0\n" and result.mode == "fit" and result.server_timing["fit"] == 12.5
+    # every attempt re-sent the whole photo
+    assert all(b"\xff\xd8 photo" in r.content for r in seen)
+
+
+def test_retry_honours_retry_after_async() -> None:
+    seen, transport = _script(_overloaded("3"), _mesh_ok())
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def scenario() -> bytes:
+        async with AsyncFaceReconClient("http://svc", transport=transport, sleep=sleep) as client:
+            return (await client.mesh(b"photo", format="obj")).data
+
+    assert asyncio.run(scenario()) == b"v 0 0 0\n"
+    assert slept == [3.0] and len(seen) == 2
+
+
+def test_retry_bounded_attempts_and_wait() -> None:
+    # attempts exhausted: the last 503 is raised, typed, with its Retry-After
+    seen, transport = _script(_overloaded("1"), _overloaded("1"), _overloaded("1"))
+    slept: list[float] = []
+    with FaceReconClient("http://svc", transport=transport, sleep=slept.append,
+                         retry=RetryPolicy(max_attempts=3)) as client, pytest.raises(Overloaded) as info:
+        client.mesh(b"photo")
+    assert len(seen) == 3 and slept == [1.0, 1.0]
+    assert info.value.retry_after == 1.0 and info.value.code == "overloaded"
+    # a Retry-After beyond max_wait is not waited for
+    seen, transport = _script(_overloaded("120"))
+    slept = []
+    with FaceReconClient("http://svc", transport=transport, sleep=slept.append,
+                         retry=RetryPolicy(max_wait=30)) as client, pytest.raises(Overloaded) as info:
+        client.mesh(b"photo")
+    assert slept == [] and len(seen) == 1 and info.value.retry_after == 120.0
+    # no Retry-After: exponential backoff
+    seen, transport = _script(httpx.Response(429, text="slow down"), httpx.Response(503, text="<html>"), _mesh_ok())
+    slept = []
+    with FaceReconClient("http://svc", transport=transport, sleep=slept.append,
+                         retry=RetryPolicy(backoff=0.25)) as client:
+        client.mesh(b"photo")
+    assert slept == [0.25, 0.5]
+
+
+def test_client_errors_are_not_retried() -> None:
+    body = {"error": {"code": "image_too_large", "message": "too big", "details": {"max_bytes": 10}}}
+    seen, transport = _script(httpx.Response(413, json=body))
+    with FaceReconClient("http://svc", transport=transport, sleep=lambda s: None) as client, \
+            pytest.raises(ImageTooLarge) as info:
+        client.reconstruct(b"photo")
+    assert len(seen) == 1 and info.value.details == {"max_bytes": 10} and info.value.status == 413
+    # the request carried the options as form fields
+    sent = seen[0].content
+    assert b'name="format"' in sent and b"json" in sent and b'name="image"' in sent
+
+
+def test_connection_refused_is_retried() -> None:
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"status": "ok"})
+
+    slept: list[float] = []
+    with FaceReconClient("http://svc", transport=httpx.MockTransport(handler), sleep=slept.append) as client:
+        assert client.health() is True
+    assert calls["n"] == 2 and slept == [0.5]
+
+
+def test_typed_models_decode_embedded_files() -> None:
+    import base64
+
+    face = {
+        "index": 0, "mode": "fit", "box": [0, 0, 10, 10], "score": 1.0,
+        "coefficients": {"id": [0.1], "exp": [0.2], "tex": [0.3], "angle": [0, 0, 0], "gamma": [0.0] * 27,
+                         "trans": [0, 0, 0]},
+        "pose_degrees": {"pitch": 1, "yaw": 2, "roll": 3}, "landmarks68": [[1, 2]] * 68,
+        "detected_landmarks68": [[1, 2]] * 68, "landmark_error_crop_px": 1.0,
+        "alignment": {"w0": 10, "h0": 10, "sigma": 1, "tx": 0, "ty": 0, "w": 10, "h": 10, "left": 0, "up": 0,
+                      "size": 224, "trans_params": [10, 10, 1, 0, 0]},
+        "mesh": {"format": "glb", "media_type": "model/gltf-binary", "encoding": "base64",
+                 "data": base64.b64encode(b"glTF").decode()},
+        "a_field_from_a_newer_service": 1,
+    }
+    rec = Reconstruction.model_validate_json(json.dumps({
+        "face_model": "ict", "layout": {"id": 1}, "photo_size": [10, 10], "face_count": 1, "faces": [face]}))
+    assert rec.face.mesh == b"glTF" and rec.face.mesh_format == "glb" and rec.face.overlay is None
+    assert rec.face.pose.roll == 3 and rec.face.landmarks68[0] == (1.0, 2.0)
