@@ -1,0 +1,1 @@
+"""Quality evaluation: commands that print accuracy tables (nothing here is asserted)."""
