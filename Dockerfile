@@ -3,6 +3,15 @@
 #   docker build --target gpu -t facerecon:gpu .      (CUDA, onnxruntime-gpu, nvdiffrast: non-commercial licence)
 # Both serve on port 8000 with the default face model shipped in models/.
 
+# The page (service/facerecon/api/static): built once with node, copied into both images; no node at run time.
+FROM node:20-slim AS web
+WORKDIR /src/web
+COPY web/package.json web/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY web/build.mjs ./
+COPY web/src ./src
+RUN npm run build
+
 FROM python:3.11-slim AS cpu
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 FACERECON_HOST=0.0.0.0 FACERECON_MODELS_DIR=/app/models
 RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 curl && rm -rf /var/lib/apt/lists/*
@@ -10,6 +19,7 @@ WORKDIR /app
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY service ./service
+COPY --from=web /src/service/facerecon/api/static ./service/facerecon/api/static
 COPY client ./client
 COPY models ./models
 RUN pip install -e . && python -m facerecon.warmup
@@ -29,6 +39,7 @@ WORKDIR /app
 RUN pip install torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124
 COPY pyproject.toml README.md ./
 COPY service ./service
+COPY --from=web /src/service/facerecon/api/static ./service/facerecon/api/static
 COPY client ./client
 COPY models ./models
 RUN pip install -e ".[gpu]" && pip uninstall -y onnxruntime && pip install --force-reinstall onnxruntime-gpu

@@ -12,6 +12,7 @@ install:
 	# CUDA build is ever pulled on a CPU machine.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]" -e ./client
+	cd web && npm ci --no-audit --no-fund && npm run build
 	# The default face model ships in models/ict; check it (rebuild it with `facerecon models build ict`).
 	$(BIN)/facerecon models check
 	$(BIN)/python -m facerecon.warmup

@@ -53,6 +53,7 @@ from facerecon.api.errors import (
     validation_details,
 )
 from facerecon.api.metrics import Metrics, MetricsMiddleware
+from facerecon.api.page import page_router
 from facerecon.api.schemas import (
     MESH_FORMATS,
     EncodedFile,
@@ -569,6 +570,7 @@ def reconstruct_job(rec: ReconstructorLike, image: np.ndarray, opts: Reconstruct
     """One photo -> the chosen output (``timings`` holds the request's stages so far)."""
     timings["queue"] = (time.perf_counter() - submitted) * 1000.0
     headers: dict[str, str] = {}
+    media_type = MEDIA_BY_FORMAT[fmt]
     if fmt in MESH_FORMATS:
         if opts.faces == "all":
             detect = getattr(rec, "detect", None)
@@ -577,8 +579,17 @@ def reconstruct_job(rec: ReconstructorLike, image: np.ndarray, opts: Reconstruct
                 headers["X-Faces-Detected"] = str(len(detect(image, "all")))
                 timings["detect_all"] = (time.perf_counter() - t0) * 1000.0
         recs = rec.reconstruct(image, which="largest", refine=opts.refine)
-        body = rec.export(recs[0], fmt)  # type: ignore[arg-type]
-        headers["Content-Disposition"] = f'inline; filename="face.{fmt}"'
+        if opts.texture != "none":
+            files = rec.export_textured(image, recs[0], fmt, opts.texture)  # type: ignore[attr-defined]
+            if fmt == "obj":
+                from facerecon.texture import to_zip
+
+                body, media_type, name = to_zip(files), "application/zip", "face.zip"
+            else:
+                body, name = files["mesh.glb"], "face.glb"
+        else:
+            body, name = rec.export(recs[0], fmt), f"face.{fmt}"  # type: ignore[arg-type]
+        headers["Content-Disposition"] = f'inline; filename="{name}"'
         timings.update(_merge_face_timings(recs))
     elif fmt == "png":
         recs = rec.reconstruct(image, which=opts.faces, refine=opts.refine)
@@ -603,7 +614,7 @@ def reconstruct_job(rec: ReconstructorLike, image: np.ndarray, opts: Reconstruct
         timings["encode"] = (time.perf_counter() - t0) * 1000.0
     headers["X-Face-Count"] = str(len(recs))
     headers["X-Reconstruction-Mode"] = str(recs[0].mode)
-    return Output(body=body, media_type=MEDIA_BY_FORMAT[fmt], headers=headers, timings=timings)
+    return Output(body=body, media_type=media_type, headers=headers, timings=timings)
 
 
 def reconstruct_set_job(rec: ReconstructorLike, images: list[np.ndarray], opts: SetOptions, fmt: str,
@@ -761,6 +772,10 @@ def build_router(settings: Settings) -> APIRouter:
         timings["read"] = (time.perf_counter() - t_start) * 1000.0
         opts = parse_options(ReconstructOptions, form.fields)
         fmt = opts.format or negotiate(request.headers.get("accept"), ("obj", "glb", "ply", "json", "png"), "obj")
+        if opts.texture != "none" and fmt not in ("obj", "glb"):
+            raise RequestValidationFailed(
+                f"texture={opts.texture} needs format=obj or glb, not {fmt}",
+                **_field_error("texture", "a texture needs the obj or glb format", "texture_format"))
         if not form.files:
             raise RequestValidationFailed("the photo is missing: send it as the multipart file field `image`",
                                           **_field_error("image", "field required", "missing"))
@@ -892,6 +907,7 @@ def create_app(settings: Settings | None = None, reconstructor: ReconstructorSou
     )
     app.state.service = state
     app.include_router(build_router(settings))
+    app.include_router(page_router())
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)  # added last = outermost
     return app

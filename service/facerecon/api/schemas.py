@@ -95,6 +95,9 @@ class ReconstructOptions(BaseModel):
     include: list[Include] = Field(
         default_factory=list, description="JSON only: embed `mesh` and/or `overlay` (base64), e.g. `mesh,overlay`")
     mesh_format: MeshFormat = Field("obj", description="format of a mesh embedded in JSON (`include=mesh`)")
+    texture: Literal["none", "photo", "albedo"] = Field(
+        "none", description="`obj`/`glb` only: a textured mesh, the `photo`'s colours or the fitted `albedo`, in a "
+                            "UV texture (GLB: one file; OBJ: a zip of obj+mtl+png); `none` keeps vertex colours")
 
     _split = field_validator("include", mode="before")(_split_include)
 

@@ -1,0 +1,124 @@
+// Drive the facerecon page in Debian's chromium with playwright-core (from web/node_modules; never a downloaded
+// browser). Used by tests/test_page.py:
+//   node tests/browser/page.mjs BASE_URL PHOTO OUT_DIR [--screenshot PAGE.png] [--set A.jpg,B.jpg,...]
+// Writes into OUT_DIR: empty.png and face.png / shaded.png / orbited.png / reset.png (the viewer canvas before the
+// upload and after it), the four downloads (face.obj, face.glb, face.ply, face.json), set.png (the identity of a
+// set, with --set) and result.json (what the page showed).
+import { createRequire } from "node:module";
+import { parseArgs } from "node:util";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+const require = createRequire(new URL("../../web/package.json", import.meta.url));
+const { chromium } = require("playwright-core");
+
+const { values: opts, positionals } = parseArgs({
+  allowPositionals: true,
+  options: { screenshot: { type: "string" }, set: { type: "string" } },
+});
+const [base, photo, out] = positionals;
+if (!base || !photo || !out) {
+  console.error("usage: node page.mjs BASE_URL PHOTO OUT_DIR [--screenshot PAGE.png] [--set A.jpg,B.jpg,...]");
+  process.exit(2);
+}
+const TIMEOUT = 90_000;
+const FLAGS = [
+  "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  // WebGL without a GPU: SwiftShader, which newer Chromium only uses when asked
+  "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+];
+
+const profile = await mkdtemp(join(tmpdir(), "facerecon-chromium-"));
+const context = await chromium.launchPersistentContext(profile, {
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: FLAGS,
+  acceptDownloads: true,
+  viewport: { width: 1100, height: 900 },
+});
+const result = { console: [], expectedErrors: [], downloads: {} };
+let errors = result.console;
+try {
+  const page = context.pages()[0] || (await context.newPage());
+  page.setDefaultTimeout(TIMEOUT);
+  page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
+  page.on("pageerror", (e) => errors.push(String(e)));
+
+  await page.goto(base + "/");
+  await page.waitForSelector("body[data-ready=true]");
+  const canvas = page.locator("#viewer canvas");
+  await canvas.screenshot({ path: join(out, "empty.png") });
+
+  // One photo: the viewer, the overlay, the pose.
+  await page.setInputFiles("#photos", photo);
+  await page.waitForSelector("#viewer[data-state=ready]");
+  await page.waitForFunction(() => !document.querySelector("#view-reset").disabled);
+  await canvas.screenshot({ path: join(out, "face.png") });
+  result.status = await page.textContent("#status");
+  result.pose = Object.fromEntries(
+    await Promise.all(["pitch", "yaw", "roll"].map(async (k) => [k, await page.textContent(`#${k}`)])));
+  result.errorShown = await page.isVisible("#error");
+
+  // The shaded geometry, then back to the coloured mesh; orbit a little and reset.
+  await page.click("#view-shaded");
+  await canvas.screenshot({ path: join(out, "shaded.png") });
+  await page.click("#view-coloured");
+  const box = await canvas.boundingBox();
+  await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+  await page.mouse.down();
+  await page.mouse.move(box.x + box.width / 2 + 120, box.y + box.height / 2, { steps: 5 });
+  await page.mouse.up();
+  await canvas.screenshot({ path: join(out, "orbited.png") });
+  await page.click("#view-reset");
+  await canvas.screenshot({ path: join(out, "reset.png") });
+
+  // The landmarks toggle changes the overlay canvas.
+  const overlayData = () => page.evaluate(() => document.querySelector("#overlay").toDataURL());
+  const withLandmarks = await overlayData();
+  await page.uncheck("#landmarks");
+  result.landmarksToggle = (await overlayData()) !== withLandmarks;
+  await page.check("#landmarks");
+
+  if (opts.screenshot) {
+    await page.evaluate(() => window.scrollTo(0, 0));
+    await page.screenshot({ path: opts.screenshot, fullPage: true });
+  }
+
+  // Every download button gives a file.
+  for (const format of ["obj", "glb", "ply", "json"]) {
+    const [download] = await Promise.all([
+      page.waitForEvent("download"),
+      page.click(`#downloads button[data-format=${format}]`),
+    ]);
+    const path = join(out, `face.${format}`);
+    await download.saveAs(path);
+    result.downloads[format] = { path, suggested: download.suggestedFilename() };
+  }
+
+  // A set: one identity mesh, one pose per photo.
+  if (opts.set) {
+    const photos = opts.set.split(",");
+    await page.setInputFiles("#photos", photos);
+    await page.waitForFunction(() => document.querySelector("#status").textContent.startsWith("Done: one identity"));
+    await canvas.screenshot({ path: join(out, "set.png") });
+    result.set = {
+      rows: await page.locator("#photos-body tr").count(),
+      poses: await page.locator("#photos-body tr td:nth-child(3)").allTextContents(),
+      errorShown: await page.isVisible("#error"),
+    };
+  }
+
+  // An error: a text file is not a photo; the page shows the API's message (the failed request is expected).
+  errors = result.expectedErrors;
+  await page.setInputFiles("#photos", {
+    name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from("this is not a photo\n"),
+  });
+  await page.waitForSelector("#error:not([hidden])");
+  result.errorText = await page.textContent("#error");
+} finally {
+  await writeFile(join(out, "result.json"), JSON.stringify(result, null, 2));
+  await context.close();
+  await rm(profile, { recursive: true, force: true });
+}

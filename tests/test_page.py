@@ -1,0 +1,217 @@
+"""The page a person sees (``GET /``), in a real browser: Debian's chromium driven by playwright-core from
+``tests/browser/page.mjs``, against a real server on 127.0.0.1 with the real pipeline.
+
+Skipped when chromium, node, web/node_modules or the built page are missing. ``FACERECON_UPDATE_SCREENSHOT=1``
+rewrites ``docs/page.png`` (a screenshot of the page with a reconstructed face); normal runs leave it alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from facerecon.api.app import create_app
+from facerecon.api.page import STATIC_DIR, page_built
+from facerecon.api.server import serve_in_thread
+from facerecon.config import Settings
+from tests.conftest import EXAMPLES, REPO, SHARED, need_shared
+
+pytestmark = pytest.mark.timeout(240)
+
+PHOTO = "000002.jpg"
+SET_PHOTOS = ("Aaron_Peirsol_0001.jpg", "Aaron_Peirsol_0003.jpg")
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+DRIVER = REPO / "tests" / "browser" / "page.mjs"
+SCREENSHOT = REPO / "docs" / "page.png"
+MAX_SCREENSHOT_BYTES = 300 * 1024
+
+
+def _need_page_tools() -> str:
+    node = shutil.which("node")
+    if not CHROMIUM.exists():
+        pytest.skip(f"needs Debian chromium at {CHROMIUM} (apt-get install chromium)")
+    if node is None:
+        pytest.skip("needs node (the playwright-core driver runs on it)")
+    if not (REPO / "web" / "node_modules" / "playwright-core").is_dir():
+        pytest.skip("needs web/node_modules (cd web && npm ci)")
+    if not page_built():
+        pytest.skip(f"the page is not built into {STATIC_DIR} (cd web && npm run build)")
+    return node
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[str]:
+    need_shared("data", "deep3d-examples", PHOTO)
+    settings = Settings(workers=1, queue_size=8, request_timeout_s=120.0, graceful_timeout_s=5.0)
+    with serve_in_thread(create_app(settings), settings) as server:
+        t0 = time.monotonic()
+        while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() - t0 < 240, "the server did not become ready"
+            time.sleep(0.2)
+        yield server.url
+
+
+# -- without a browser ----------------------------------------------------------------------------------------------
+def test_unbuilt_page_says_how_to_build_it(tmp_path: Path) -> None:
+    from fastapi import FastAPI
+
+    from facerecon.api.errors import install_error_handlers
+    from facerecon.api.page import page_router
+
+    app = FastAPI()
+    app.include_router(page_router(tmp_path))
+    install_error_handlers(app)
+
+    async def check() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://page") as client:
+            r = await client.get("/")
+            assert r.status_code == 404 and "make install" in r.text
+            assert (await client.get("/static/app.js")).json()["error"]["code"]
+            (tmp_path / "index.html").write_text("<!doctype html><title>x</title>")
+            assert (await client.get("/")).text.startswith("<!doctype html>")
+
+    asyncio.run(check())
+
+
+def test_page_and_static_files_are_served(live: str) -> None:
+    if not page_built():
+        pytest.skip(f"the page is not built into {STATIC_DIR}")
+    page = httpx.get(f"{live}/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script type="module" src="/static/app.js">' in page.text
+    script = httpx.get(f"{live}/static/app.js", timeout=10)
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
+    for bad in ("../app.py", "..%2Fapp.py", "nope.js"):
+        r = httpx.get(f"{live}/static/{bad}", timeout=10)
+        assert r.status_code == 404, bad
+        assert set(r.json()["error"]) == {"code", "message", "details"}
+
+
+def test_textured_exports(live: str) -> None:
+    photo = (EXAMPLES / PHOTO).read_bytes()
+    files = {"image": (PHOTO, photo, "image/jpeg")}
+    glb = httpx.post(f"{live}/v1/reconstruct", files=files, data={"format": "glb", "texture": "photo"}, timeout=120)
+    assert glb.status_code == 200, glb.text
+    assert glb.headers["content-type"] == "model/gltf-binary"
+    scene = trimesh.load(io.BytesIO(glb.content), file_type="glb")
+    geom = next(iter(scene.geometry.values()))
+    assert geom.visual.kind == "texture" and geom.visual.material.baseColorTexture is not None
+
+    bundle = httpx.post(f"{live}/v1/reconstruct", files=files, data={"format": "obj", "texture": "albedo"},
+                        timeout=120)
+    assert bundle.status_code == 200, bundle.text
+    assert bundle.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(bundle.content)) as zf:
+        names = zf.namelist()
+        assert any(n.endswith(".obj") for n in names) and any(n.endswith(".mtl") for n in names)
+        png = next(n for n in names if n.endswith(".png"))
+        assert Image.open(io.BytesIO(zf.read(png))).size[0] > 0
+
+    bad = httpx.post(f"{live}/v1/reconstruct", files=files, data={"format": "ply", "texture": "photo"}, timeout=30)
+    assert bad.status_code == 422
+    assert "texture" in bad.json()["error"]["message"]
+
+
+# -- in the browser -------------------------------------------------------------------------------------------------
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+
+
+def _parses(fmt: str, path: Path) -> Any:
+    data = path.read_bytes()
+    if fmt == "json":
+        return json.loads(data)
+    mesh = trimesh.load(io.BytesIO(data), file_type=fmt, force="mesh", process=False)
+    assert len(mesh.vertices) > 1000 and len(mesh.faces) > 1000, (fmt, mesh)
+    return mesh
+
+
+def _save_screenshot(src: Path) -> None:
+    """docs/page.png, squeezed under the size limit (a palette PNG if the full-colour one is too big)."""
+    image = Image.open(src).convert("RGB")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    image.save(SCREENSHOT, optimize=True)
+    if SCREENSHOT.stat().st_size > MAX_SCREENSHOT_BYTES:
+        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(SCREENSHOT, optimize=True)
+    assert SCREENSHOT.stat().st_size < MAX_SCREENSHOT_BYTES
+
+
+def test_page_in_chromium(live: str, tmp_path: Path) -> None:
+    node = _need_page_tools()
+    update = os.environ.get("FACERECON_UPDATE_SCREENSHOT") == "1"
+    shot = tmp_path / "page.png"
+    set_photos = [SHARED / "data" / "faces-train" / "lfw" / name for name in SET_PHOTOS]
+    with_set = all(p.exists() for p in set_photos)  # the set step needs the LFW photos; the rest runs without
+    cmd = [node, str(DRIVER), live, str(EXAMPLES / PHOTO), str(tmp_path)]
+    if with_set:
+        cmd += ["--set", ",".join(map(str, set_photos))]
+    if update:
+        cmd += ["--screenshot", str(shot)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO)
+    result_file = tmp_path / "result.json"
+    result = json.loads(result_file.read_text()) if result_file.exists() else {}
+    assert run.returncode == 0, f"driver failed:\n{run.stdout}\n{run.stderr}\npage said: {result}"
+    assert not result["console"], result["console"]
+
+    # The viewer: blank before, a face after (varied pixels, unlike the empty view); each view differs.
+    empty, face = _pixels(tmp_path / "empty.png"), _pixels(tmp_path / "face.png")
+    assert empty.shape == face.shape
+    assert face.std() > 15.0 and face.std() > empty.std() + 10.0, (
+        f"the viewer looks blank after the upload (std {face.std():.1f}, empty {empty.std():.1f})")
+    assert np.abs(face - empty).mean() > 5.0
+    shaded = _pixels(tmp_path / "shaded.png")
+    assert shaded.std() > 10.0 and np.abs(shaded - face).mean() > 2.0, "shaded and coloured views look the same"
+    orbited, reset = _pixels(tmp_path / "orbited.png"), _pixels(tmp_path / "reset.png")
+    assert np.abs(orbited - face).mean() > 2.0, "dragging did not orbit"
+    assert np.abs(reset - face).mean() < 1.0, "reset did not return to the first view"
+
+    # What the page says.
+    assert result["status"].startswith("Done")
+    assert not result["errorShown"]
+    for key in ("pitch", "yaw", "roll"):
+        assert result["pose"][key].endswith("°"), result["pose"]
+    assert result["landmarksToggle"], "the landmarks toggle did not change the overlay"
+
+    # Every download parses.
+    for fmt in ("obj", "glb", "ply", "json"):
+        info = result["downloads"][fmt]
+        assert info["suggested"] == f"000002.{fmt}"
+        parsed = _parses(fmt, Path(info["path"]))
+        if fmt == "json":
+            assert parsed["face_count"] == 1 and len(parsed["faces"][0]["landmarks68"]) == 68
+
+    # A set: the identity mesh in the viewer, a pose per photo.
+    if with_set:
+        _check_set(result, tmp_path, empty)
+
+    # The error case: the API's human message, as the API gives it, on the page.
+    api = httpx.post(f"{live}/v1/reconstruct", files={"image": ("notes.txt", b"this is not a photo\n", "text/plain")},
+                     data={"format": "json"}, timeout=30)
+    assert api.status_code >= 400
+    assert result["errorText"] == api.json()["error"]["message"], result["errorText"]
+
+    if update:
+        _save_screenshot(shot)
+
+
+def _check_set(result: dict[str, Any], out: Path, empty: np.ndarray) -> None:
+    assert result["set"]["rows"] == len(SET_PHOTOS) and not result["set"]["errorShown"], result["set"]
+    assert all(p.endswith("°") for p in result["set"]["poses"]), result["set"]
+    identity = _pixels(out / "set.png")
+    assert identity.std() > 15.0 and np.abs(identity - empty).mean() > 5.0
