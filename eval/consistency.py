@@ -1,0 +1,130 @@
+"""Multi-image consistency: are single-photo identities of one person closer than those of different people?
+
+    python -m eval.consistency [--lfw DIR] [--people 20] [--seed 0] [--modes fit,rnet,rnet+fit]
+
+On the LFW part of the training pool (``shared/data/faces-train/lfw``, files ``<Name>_<NNNN>.jpg``): ``--people``
+people with 2-4 photos each (drawn with ``--seed``), every photo reconstructed **on its own** (largest face).
+Then, over all pairs of photos, the distance between their identities:
+
+* ``id L2``: Euclidean distance between the identity coefficient vectors;
+* ``id cos``: cosine distance (1 - cos) between them;
+* ``shape mm``: RMS distance (mm) between the two neutral identity shapes (mean + identity offsets, zero
+  expression, model frame, so no alignment is needed) over the face region (``face_mask``).
+
+Genuine pairs (same person) vs impostor pairs (different people): mean, sd and quartiles of each, the AUC
+(probability that a random impostor pair is farther apart than a random genuine pair; 0.5 = identity carries no
+information about the person, 1 = perfect) and d' = (mean_imp - mean_gen) / sqrt((sd_gen^2 + sd_imp^2) / 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facerecon.coefficients import Coefficients
+from facerecon.errors import FaceReconError
+from facerecon.fit import fit
+from facerecon.imaging import load_image
+from facerecon.pipeline import Reconstructor
+
+DEFAULT_LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces-train" / "lfw"
+MM_PER_MODEL_UNIT = 100.0  # decimetres -> millimetres
+
+
+def people_with_sets(folder: Path, n: int, seed: int, lo: int = 2, hi: int = 4) -> dict[str, list[Path]]:
+    by_person: dict[str, list[Path]] = defaultdict(list)
+    for p in sorted(folder.glob("*.jpg")):
+        by_person[p.stem.rsplit("_", 1)[0]].append(p)
+    names = sorted(k for k, v in by_person.items() if lo <= len(v) <= hi)
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(names, size=min(n, len(names)), replace=False).tolist())
+    return {k: by_person[k] for k in chosen}
+
+
+def auc(genuine: list[float], impostor: list[float]) -> float:
+    """P(impostor > genuine), ties counted half (Mann-Whitney U / (n_g n_i))."""
+    g = np.asarray(genuine)[:, None]
+    i = np.asarray(impostor)[None, :]
+    return float(((i > g).sum() + 0.5 * (i == g).sum()) / (g.size * i.size))
+
+
+def describe(values: list[float]) -> tuple[float, float, float, float, float]:
+    q1, q2, q3 = np.percentile(values, [25, 50, 75])
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, q1, q2, q3
+
+
+def identity_of(rec: Reconstructor, mode: str, image: np.ndarray) -> torch.Tensor:
+    face = rec.detect(image)[0]
+    crop, _, lm68, skin = rec._prepare(image, face, {})
+    target = rec._targets([crop], [lm68], [skin])
+    init = None
+    if mode.startswith("rnet"):
+        assert rec.rnet is not None
+        vec = torch.from_numpy(rec.rnet.run(target.image.cpu().numpy())["coeffs"]).to(rec.device)
+        init = Coefficients.from_vector(vec, rec.model.layout)
+        if mode == "rnet":
+            return init.id[0].cpu()
+    return fit(rec.decoder, rec.renderer, target, init=init, config=rec.fit_config).coefficients.id[0].cpu()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lfw", type=Path, default=DEFAULT_LFW)
+    ap.add_argument("--people", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", default="", help="comma list of rnet, fit, rnet+fit (default: what is available)")
+    args = ap.parse_args()
+    rec = Reconstructor()
+    modes = [m for m in args.modes.split(",") if m] or (["rnet", "fit", "rnet+fit"] if rec.rnet else ["fit"])
+    if rec.rnet is None and any(m.startswith("rnet") for m in modes):
+        raise SystemExit("no R-Net is installed for this face model; use --modes fit")
+    people = people_with_sets(args.lfw, args.people, args.seed)
+    mask = rec.model.face_mask.cpu()
+    id_basis = rec.model.id_basis.cpu().view(rec.model.layout.id, -1, 3)[:, mask]  # (K, M, 3)
+    t_start = time.perf_counter()
+    for mode in modes:
+        ids: list[tuple[str, torch.Tensor]] = []
+        skipped = 0
+        for name, photos in people.items():
+            for p in photos:
+                try:
+                    ids.append((name, identity_of(rec, mode, load_image(p))))
+                except FaceReconError:
+                    skipped += 1
+        dist: dict[str, dict[str, list[float]]] = {k: {"genuine": [], "impostor": []}
+                                                   for k in ("id L2", "id cos", "shape mm")}
+        for (na, a), (nb, b) in itertools.combinations(ids, 2):
+            kind = "genuine" if na == nb else "impostor"
+            dist["id L2"][kind].append(float((a - b).norm()))
+            dist["id cos"][kind].append(float(1 - torch.nn.functional.cosine_similarity(a, b, dim=0)))
+            offset = torch.einsum("k,kmc->mc", a - b, id_basis)  # the neutral shapes differ by this
+            dist["shape mm"][kind].append(float(offset.norm(dim=1).pow(2).mean().sqrt()) * MM_PER_MODEL_UNIT)
+        n_people = len({n for n, _ in ids})
+        print(f"\nmode {mode}: {len(ids)} photos of {n_people} people ({skipped} without a usable face skipped); "
+              f"{len(dist['id L2']['genuine'])} genuine, {len(dist['id L2']['impostor'])} impostor pairs; "
+              f"{time.perf_counter() - t_start:.0f} s so far")
+        print(f"{'distance':<10}{'pairs':<10}{'mean':>8}{'sd':>8}{'q1':>8}{'median':>8}{'q3':>8}{'AUC':>8}"
+              f"{'d prime':>9}")
+        for metric, d in dist.items():
+            if not d["genuine"] or not d["impostor"]:
+                continue
+            a_ = auc(d["genuine"], d["impostor"])
+            mg, sg = describe(d["genuine"])[:2]
+            mi, si = describe(d["impostor"])[:2]
+            dprime = (mi - mg) / max(np.sqrt((sg**2 + si**2) / 2), 1e-12)
+            for kind in ("genuine", "impostor"):
+                m, s, q1, q2, q3 = describe(d[kind])
+                tail = f"{a_:>8.3f}{dprime:>9.2f}" if kind == "genuine" else ""
+                print(f"{metric if kind == 'genuine' else '':<10}{kind:<10}{m:>8.3f}{s:>8.3f}{q1:>8.3f}{q2:>8.3f}"
+                      f"{q3:>8.3f}{tail}")
+
+
+if __name__ == "__main__":
+    main()
