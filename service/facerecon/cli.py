@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--models-dir")
     ic.set_defaults(func=_models_import_checkpoint)
 
+    from facerecon.train_cli import add_train_commands
+
+    add_train_commands(sub)
+
     rc = sub.add_parser("reconstruct", help="reconstruct faces from photos: mesh, coefficients.json, overlay.png")
     rc.add_argument("photos", nargs="+", help="photo files (JPEG, PNG, WebP, BMP, ...)")
     rc.add_argument("--out", default="out", help="output folder (one sub-folder per photo/face)")

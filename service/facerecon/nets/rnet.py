@@ -15,6 +15,7 @@ biases start at zero, so a fresh R-Net predicts the mean face (neutral, frontal,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facerecon.coefficients import CoefficientLayout, Coefficients
@@ -47,15 +48,21 @@ class ReconNet(nn.Module):
     Args:
         layout: the face model's coefficient layout (fixes the head sizes; ``layout.total`` outputs).
         backbone: ``"resnet50"`` (the reference), ``"resnet34"`` or ``"resnet18"``.
+        trunk_size: side (px) at which the trunk sees the 224 input (default 224 = the reference, nothing changes).
+            A smaller value (e.g. 112 for a CPU-trained net) resizes inside the network, so the input stays the
+            224 crop: an exact divisor of 224 uses average pooling, anything else bilinear resampling.
 
     Attributes:
-        layout, backbone_name, feature_dim (2048 for ResNet-50, 512 for ResNet-18/34).
+        layout, backbone_name, feature_dim (2048 for ResNet-50, 512 for ResNet-18/34), trunk_size.
     """
 
-    def __init__(self, layout: CoefficientLayout, backbone: str = "resnet50") -> None:
+    def __init__(self, layout: CoefficientLayout, backbone: str = "resnet50", *, trunk_size: int = INPUT_SIZE) -> None:
         super().__init__()
+        if not 32 <= int(trunk_size) <= INPUT_SIZE:
+            raise ValueError(f"trunk_size must lie in [32, {INPUT_SIZE}], got {trunk_size}")
         self.layout = layout
         self.backbone_name = backbone
+        self.trunk_size = int(trunk_size)
         self.backbone = build_backbone(backbone)
         self.feature_dim: int = self.backbone.feature_dim
         self.final_layers = nn.ModuleList(
@@ -70,13 +77,21 @@ class ReconNet(nn.Module):
                 head.weight.zero_()
                 head.bias.zero_()
 
+    def _resize(self, image: Tensor) -> Tensor:
+        """``(B, 3, 224, 224)`` -> ``(B, 3, trunk_size, trunk_size)`` (identity at the default 224)."""
+        if self.trunk_size == INPUT_SIZE:
+            return image
+        if INPUT_SIZE % self.trunk_size == 0:
+            return F.avg_pool2d(image, INPUT_SIZE // self.trunk_size)
+        return F.interpolate(image, size=(self.trunk_size, self.trunk_size), mode="bilinear", align_corners=False)
+
     def forward_with_features(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """``image (B, 3, 224, 224)`` float32 RGB [0, 1] -> ``(coeffs (B, layout.total), features (B, C))`` float32.
 
         ``features`` are the trunk's globally pooled activations (what the C-Net takes besides the image).
         """
         check_image(image)
-        pooled = self.backbone(image)  # (B, C, 1, 1)
+        pooled = self.backbone(self._resize(image))  # (B, C, 1, 1)
         coeffs = torch.cat([head(pooled) for head in self.final_layers], dim=1)
         return torch.flatten(coeffs, 1), torch.flatten(pooled, 1)
 

@@ -1,0 +1,151 @@
+"""Training: a tiny end-to-end R-Net run on CPU (loss goes down, resume continues, export loads), the skin GMM
+trainer, and the augmentation's landmark bookkeeping."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from facerecon.skin import GaussianMixture, SkinGMM
+from facerecon.train import data as D
+from facerecon.train import skin_gmm
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = Path("/work/shared/data/deep3d-examples")
+FACE_MODEL = ROOT / "models" / "ict" / "facemodel.npz"
+
+
+def test_mirror_index_is_an_involution() -> None:
+    assert sorted(D.MIRROR_68.tolist()) == list(range(68))
+    assert (D.MIRROR_68[D.MIRROR_68] == np.arange(68)).all()
+    assert D.MIRROR_68[36] == 45 and D.MIRROR_68[39] == 42 and D.MIRROR_68[30] == 30 and D.MIRROR_68[48] == 54
+
+
+def test_augment_moves_landmarks_with_the_image() -> None:
+    """A bright dot at a landmark stays under that landmark (after flip re-indexing) through the augmentation."""
+    rng = np.random.default_rng(3)
+    img = torch.zeros(4, 3, 224, 224)
+    lm = torch.tensor([80.0, 140.0]).expand(4, 68, 2).clone()  # u, v_up -> row 83, col 80 (every point there)
+    img[:, :, 223 - 140, 80] = 1.0
+    img = torch.nn.functional.avg_pool2d(img, 3, 1, 1) * 9  # a 3x3 blob
+    out, _, lm2 = D.augment(img, torch.zeros(4, 1, 224, 224), lm, rng, flip=0.5)
+    for b in range(4):
+        u, v = lm2[b, 36].tolist()
+        r, c = round(223 - v), round(u)
+        peak = np.unravel_index(int(out[b, 0].argmax()), (224, 224))
+        assert abs(peak[0] - r) <= 2 and abs(peak[1] - c) <= 2
+
+
+def test_skin_gmm_em_recovers_a_known_mixture() -> None:
+    rng = np.random.default_rng(0)
+    means = np.array([[60.0, 110.0, 150.0], [160.0, 120.0, 135.0]])
+    covs = np.array([np.diag([40.0, 9.0, 16.0]), np.diag([90.0, 4.0, 25.0])])
+    n = (6000, 4000)
+    x = np.concatenate([rng.multivariate_normal(m, c, size=k) for m, c, k in zip(means, covs, n, strict=True)])
+    g = skin_gmm.fit_gmm(x, 2, seed=1, var_floor=0.0)
+    assert np.allclose(g.weights, [0.6, 0.4], atol=0.02)
+    assert np.allclose(g.means, means, atol=1.0)
+    assert np.allclose(g.covariances, covs, rtol=0.15, atol=2.0)
+    # a two-class naive Bayes built from it separates the classes
+    gmm = SkinGMM(GaussianMixture(np.ones(1), means[:1], covs[:1]), GaussianMixture(np.ones(1), means[1:], covs[1:]))
+    assert gmm.to_dict()["prior_skin"] == 0.8
+
+
+def test_region_masks_are_disjoint_and_plausible() -> None:
+    # the frontal mean face's landmarks are enough (no photo needed)
+    from facerecon.coefficients import Coefficients
+    from facerecon.decoder import FaceDecoder
+    from facerecon.facemodel import FaceModel
+
+    model = FaceModel.from_file(FACE_MODEL)
+    lm68 = FaceDecoder(model)(Coefficients.zeros(model.layout, 1)).landmarks_2d[0].detach().numpy()
+    skin, non = skin_gmm.region_masks(lm68)
+    assert not (skin & non).any()
+    assert 3000 < skin.sum() < 30000 and non.sum() > 10000
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    from facerecon.train.loop import RNetConfig, train_rnet
+
+    tmp = tmp_path_factory.mktemp("train")
+    photos = tmp / "photos"
+    photos.mkdir()
+    for name in sorted(p.name for p in EXAMPLES.glob("*.jpg"))[:4]:
+        shutil.copy(EXAMPLES / name, photos / name)
+    models = tmp / "models" / "ict"
+    models.mkdir(parents=True)
+    for f in ("facemodel.npz", "facemodel.json"):
+        (models / f).symlink_to(FACE_MODEL.parent / f)
+    cfg = RNetConfig(data=[str(photos)], out=str(tmp / "run"), val_data=[], models_dir=str(tmp / "models"),
+                     steps=8, batch=4, lr=2e-3, warmup=1, lr_final=1.0, synthetic=8, synthetic_fraction=0.5,
+                     photo_per_batch=1, render_size=56, augment=False, val_people=0, val_every=0,
+                     checkpoint_every=4, seed=0, threads=2, device="cpu", progress=False)
+    torch.manual_seed(0)
+    ckpt = train_rnet(cfg)
+    return {"cfg": cfg, "ckpt": ckpt, "tmp": tmp}
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "losses.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_tiny_training_run_lowers_the_loss(tiny_run: dict[str, object]) -> None:
+    run = Path(tiny_run["cfg"].out)  # type: ignore[attr-defined]
+    rows = _rows(run)
+    assert len(rows) == 8
+    first = np.mean([float(r["landmark"]) for r in rows[:2]])
+    last = np.mean([float(r["landmark"]) for r in rows[-2:]])
+    assert last < first
+    assert all(math.isfinite(float(r["total"])) for r in rows)
+    assert float(rows[0]["photo"]) > 0 and float(rows[0]["perceptual"]) > 0
+
+
+def test_resume_continues_the_step_count(tiny_run: dict[str, object]) -> None:
+    from facerecon.train.loop import RNetConfig, load_checkpoint, train_rnet
+
+    cfg: RNetConfig = tiny_run["cfg"]  # type: ignore[assignment]
+    more = RNetConfig(**{**cfg.__dict__, "steps": 9})
+    ckpt = train_rnet(more, resume=True)
+    assert load_checkpoint(ckpt)["step"] == 9
+    rows = _rows(Path(cfg.out))
+    assert [int(r["step"]) for r in rows] == list(range(1, 10))
+
+
+def test_export_onnx_loads_in_onnxnet(tiny_run: dict[str, object]) -> None:
+    from facerecon.nets.runtime import OnnxNet
+    from facerecon.train.export import export_run
+    from facerecon.train.loop import load_rnet
+
+    cfg = tiny_run["cfg"]
+    cards = export_run(Path(cfg.out))  # type: ignore[attr-defined]
+    assert cards[0].kind == "rnet" and cards[0].onnx.max_abs_diff_vs_torch is not None
+    npz = Path(cfg.models_dir) / "ict" / "facemodel.npz"  # type: ignore[attr-defined]
+    net = OnnxNet.for_face_model(npz, "rnet", device="cpu")
+    x = np.random.default_rng(0).random((2, 3, 224, 224), dtype=np.float32)
+    out = net.run(x)["coeffs"]
+    torch_net, *_ = load_rnet(Path(cfg.out))  # type: ignore[attr-defined]
+    with torch.no_grad():
+        ref = torch_net(torch.from_numpy(x)).numpy()
+    assert out.shape == (2, 218)
+    assert np.abs(out - ref).max() < 5e-2 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_rnet_trunk_size_keeps_the_224_input() -> None:
+    from facerecon.coefficients import CoefficientLayout
+    from facerecon.nets.rnet import ReconNet
+
+    lay = CoefficientLayout(id=4, exp=3, tex=2, angle=3, gamma=27, trans=3)
+    x = torch.rand(2, 3, 224, 224)
+    small = ReconNet(lay, "resnet18", trunk_size=112).eval()
+    assert small(x).shape == (2, lay.total)
+    assert ReconNet(lay, "resnet18").trunk_size == 224  # the default changes nothing
+    with pytest.raises(ValueError):
+        ReconNet(lay, "resnet18", trunk_size=8)
