@@ -123,8 +123,14 @@ def main() -> None:
             for mode in modes:
                 t0 = time.perf_counter()
                 try:
-                    with torch.enable_grad():
-                        r = rec.reconstruct(photo, refine=(mode == "rnet+fit") if mode != "fit" else None)[0]
+                    networks = rec.rnet
+                    if mode == "fit":  # fitting alone starts from the mean face, even with an R-Net installed
+                        rec.rnet = None
+                    try:
+                        with torch.enable_grad():
+                            r = rec.reconstruct(photo, refine=mode == "rnet+fit" if mode != "fit" else None)[0]
+                    finally:
+                        rec.rnet = networks
                 except FaceReconError:
                     failures[mode] += 1
                     continue
