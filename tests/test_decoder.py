@@ -105,3 +105,9 @@ def test_camera_constants() -> None:
     cam = geometry.Camera()
     assert cam.focal / cam.center == pytest.approx(9.0625)
     assert math.degrees(2 * math.atan(112 / 1015)) == pytest.approx(cam.fov_degrees)
+
+
+def test_landmark_only_decoding_equals_the_full_decode(ict_model, ict_decoder) -> None:
+    torch.manual_seed(1)
+    c = Coefficients.from_vector(torch.randn(2, ict_model.layout.total) * 0.3, ict_model.layout)
+    torch.testing.assert_close(ict_decoder.landmarks(c), ict_decoder(c).landmarks_2d, rtol=1e-5, atol=1e-4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from facerecon import geometry
@@ -53,6 +54,18 @@ class FaceDecoder(nn.Module):
         super().__init__()
         self.model = model
         self.camera = camera or Camera()
+
+    def landmarks(self, coeffs: Coefficients) -> Tensor:
+        """Only the 68 landmarks, ``(B, 68, 2)`` crop pixels (y up), decoding just the 68 landmark vertices (cheap;
+        for landmark-only fitting and training). Equals ``forward(coeffs).landmarks_2d``."""
+        m = self.model
+        lm = m.landmarks68
+        cols = (lm[:, None] * 3 + torch.arange(3, device=lm.device)).reshape(-1)
+        offsets = coeffs.id @ m.id_basis[:, cols] + coeffs.exp @ m.exp_basis[:, cols]
+        shape = m.mean_shape[lm][None] + offsets.view(-1, 68, 3)
+        rot = geometry.euler_to_rotation(coeffs.angle)
+        cam = geometry.to_camera(geometry.transform(shape, rot, coeffs.trans), self.camera.distance)
+        return geometry.project(cam, self.camera.intrinsics)
 
     def forward(self, coeffs: Coefficients) -> DecodedFace:
         if coeffs.layout != self.model.layout:

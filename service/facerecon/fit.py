@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from facerecon import geometry, losses
+from facerecon import losses
 from facerecon.coefficients import Coefficients
 from facerecon.decoder import FaceDecoder
 from facerecon.render.base import Renderer
@@ -70,17 +70,6 @@ def landmark_error(pred: Tensor, target: Tensor) -> list[float]:
     return (pred - target).norm(dim=-1).mean(dim=-1).tolist()
 
 
-def _landmarks_only(decoder: FaceDecoder, c: Coefficients) -> Tensor:
-    """Project the 68 landmark vertices only: ``(B, 68, 2)`` crop pixels (cheap: 68 of N vertices decoded)."""
-    m = decoder.model
-    lm = m.landmarks68
-    cols = (lm[:, None] * 3 + torch.arange(3, device=lm.device)).reshape(-1)
-    shape = m.mean_shape[lm][None] + (c.id @ m.id_basis[:, cols] + c.exp @ m.exp_basis[:, cols]).view(-1, 68, 3)
-    rot = geometry.euler_to_rotation(c.angle)
-    cam = geometry.to_camera(geometry.transform(shape, rot, c.trans), decoder.camera.distance)
-    return geometry.project(cam, decoder.camera.intrinsics)
-
-
 class _Params(torch.nn.Module):
     def __init__(self, init: Coefficients, share_identity: bool) -> None:
         super().__init__()
@@ -126,7 +115,7 @@ def fit(
     history: list[dict[str, float]] = []
 
     with torch.no_grad():
-        err_start = landmark_error(_landmarks_only(decoder, params.coefficients()), target.landmarks)
+        err_start = landmark_error(decoder.landmarks(params.coefficients()), target.landmarks)
 
     # Stage 1: landmarks (pose, shape, expression), relative weights as in the total loss.
     opt = torch.optim.Adam([
@@ -135,7 +124,7 @@ def fit(
     ])
     for _ in range(cfg.landmark_steps):
         c = params.coefficients()
-        lm_loss = losses.landmark_loss(_landmarks_only(decoder, c), target.landmarks, lm_w)
+        lm_loss = losses.landmark_loss(decoder.landmarks(c), target.landmarks, lm_w)
         reg = losses.coefficient_loss(c.id, c.exp, c.tex, w)
         loss = w.landmark * lm_loss + w.coef * reg
         opt.zero_grad(set_to_none=True)
@@ -175,7 +164,7 @@ def fit(
 
     final = params.coefficients().detach()
     with torch.no_grad():
-        err_end = landmark_error(_landmarks_only(decoder, final), target.landmarks)
+        err_end = landmark_error(decoder.landmarks(final), target.landmarks)
     seconds = time.perf_counter() - t0
     log.debug("fit %d image(s): landmark error %s -> %s px in %.2f s", b, err_start, err_end, seconds)
     return FitResult(final, err_start, err_end, history, seconds)

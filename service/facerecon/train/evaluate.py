@@ -28,7 +28,7 @@ from facerecon.render import get_renderer
 from facerecon.render.base import Renderer
 from facerecon.skin import skin_attention
 from facerecon.train import data as D
-from facerecon.train.loop import _to_tensor_images, landmark_errors, landmarks_only, load_rnet, predict, prepare_data
+from facerecon.train.loop import _to_tensor_images, landmark_errors, load_rnet, predict, prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _fit(decoder: FaceDecoder, renderer: Renderer | None, images: np.ndarray, lm
 def _lm_report(decoder: FaceDecoder, vec: Tensor, lm: np.ndarray) -> dict[str, float]:
     c = Coefficients.from_vector(vec, decoder.model.layout)
     with torch.no_grad():
-        e, nme = landmark_errors(landmarks_only(decoder, c), torch.from_numpy(lm))
+        e, nme = landmark_errors(decoder.landmarks(c), torch.from_numpy(lm))
     return {"lm_px": round(float(e.mean()), 3), "nme_iod": round(float(nme.mean()), 4), "n": len(e)}
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from facerecon import geometry, losses
+from facerecon import losses
 from facerecon.coefficients import CoefficientLayout, Coefficients
 from facerecon.decoder import FaceDecoder
 from facerecon.facemodel import FaceModel
@@ -134,17 +134,6 @@ def lr_at(step: int, cfg: RNetConfig) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # Loss pieces
 # ---------------------------------------------------------------------------------------------------------------
-def landmarks_only(decoder: FaceDecoder, c: Coefficients) -> Tensor:
-    """The 68 landmarks ``(B, 68, 2)`` (crop px, y up) decoding only the 68 landmark vertices (cheap)."""
-    m = decoder.model
-    lm = m.landmarks68
-    cols = (lm[:, None] * 3 + torch.arange(3, device=lm.device)).reshape(-1)
-    shape = m.mean_shape[lm][None] + (c.id @ m.id_basis[:, cols] + c.exp @ m.exp_basis[:, cols]).view(-1, 68, 3)
-    rot = geometry.euler_to_rotation(c.angle)
-    cam = geometry.to_camera(geometry.transform(shape, rot, c.trans), decoder.camera.distance)
-    return geometry.project(cam, decoder.camera.intrinsics)
-
-
 def supervision_loss(pred: Coefficients, true: Coefficients) -> Tensor:
     """Mean over the six groups of ``mean((pred - true)^2) / scale^2`` (:data:`SUPERVISION_SCALES`)."""
     terms = [((getattr(pred, k) - getattr(true, k)) ** 2).mean() / s**2 for k, s in SUPERVISION_SCALES.items()]
@@ -330,7 +319,7 @@ def validate(net: ReconNet, decoder: FaceDecoder, renderer: Renderer, rd: RunDat
     if rd.val is not None and len(rd.val):
         vec = predict(net, rd.val.images, device)
         c = Coefficients.from_vector(vec.to(device), layout)
-        lm = landmarks_only(decoder, c).cpu()
+        lm = decoder.landmarks(c).cpu()
         e, nme = landmark_errors(lm, torch.from_numpy(rd.val.lm68))
         out["val_lm_px"], out["val_nme"] = float(e.mean()), float(nme.mean())
     syn = D.composite(rd.synthetic_val.foreground[:64], rd.synthetic_val.mask[:64],
@@ -464,7 +453,7 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
                 vec = net(images)
             vec = vec.float()
             c_all = Coefficients.from_vector(vec, model.layout)
-            lm_pred = landmarks_only(decoder, c_all)
+            lm_pred = decoder.landmarks(c_all)
             lm_target = torch.cat([s_lm, r_lm]) if n_real else s_lm
             lm_loss = losses.landmark_loss(lm_pred, lm_target, lm_w)
             true = Coefficients.from_vector(s_vec, model.layout)
@@ -573,7 +562,7 @@ def set_loss(decoder: FaceDecoder, renderer: Renderer, coeffs: Coefficients, ima
     """The hybrid loss of every image of a set rendered with ``coeffs`` (already aggregated)."""
     w = losses.LossWeights()
     pt = photo_terms(decoder, renderer, coeffs, images, skin, lm, size, descriptor)
-    lm_loss = losses.landmark_loss(landmarks_only(decoder, coeffs), lm)
+    lm_loss = losses.landmark_loss(decoder.landmarks(coeffs), lm)
     coef = losses.coefficient_loss(coeffs.id, coeffs.exp, coeffs.tex, w)
     total = (w.photo * pt.photo + w.perceptual * pt.perceptual + w.reflectance * pt.reflectance
              + w.landmark * lm_loss + w.coef * coef)
