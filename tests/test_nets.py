@@ -31,7 +31,7 @@ from facerecon.nets.onnx_io import (
 )
 from facerecon.nets.resnet import load_torchvision_weights, resnet18, resnet50
 from facerecon.nets.rnet import ReconNet
-from facerecon.nets.runtime import OnnxNet, check_pair
+from facerecon.nets.runtime import OnnxNet, check_pair, compress_network
 
 SMALL = CoefficientLayout(id=20, exp=10, tex=12)
 FM_SHA = "ab" * 32
@@ -273,6 +273,26 @@ def test_runtime_refuses_missing_corrupt_and_mismatched_files(exported: dict, tm
     card.write_text("{not json")
     with pytest.raises(ModelFileError, match="invalid"):
         OnnxNet(card)
+
+
+def test_xz_stored_network_runs_identically_and_is_checked(exported: dict, tmp_path: Path) -> None:
+    card = _copy(exported, tmp_path)
+    x = _images(2, seed=5).numpy()
+    plain = OnnxNet(card).run(x)["coeffs"]
+    packed = compress_network(tmp_path / "rnet.onnx")
+    assert packed.name == "rnet.onnx.xz" and not (tmp_path / "rnet.onnx").exists()
+    np.testing.assert_array_equal(OnnxNet(card).run(x)["coeffs"], plain)
+    raw = bytearray(packed.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    packed.write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match=r"xz|sha256|bytes"):
+        OnnxNet(card)
+
+
+def test_shipped_networks_fit_the_per_file_size_limit() -> None:
+    shipped = Path(__file__).resolve().parents[1] / "models" / "ict"
+    for path in shipped.glob("*net.onnx*"):
+        assert path.stat().st_size < 20 * 1024 * 1024, f"{path.name} is over 20 MiB"
 
 
 def test_network_beside_a_face_model_is_checked_against_its_card(exported: dict, tmp_path: Path) -> None:

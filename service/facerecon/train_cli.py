@@ -91,7 +91,7 @@ def _export(args: argparse.Namespace) -> int:
     from facerecon.train.export import export_run
 
     cards = export_run(Path(args.run_dir), Path(args.models_dir) if args.models_dir else None,
-                       weights_fp16=not args.fp32)
+                       weights_fp16=not args.fp32, compress=args.xz)
     for c in cards:
         print(f"{c.kind}: {c.file} ({c.bytes} bytes, sha256 {c.sha256}, max |ORT - torch| "
               f"{c.onnx.max_abs_diff_vs_torch:.2e})")
@@ -172,6 +172,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     x.add_argument("run_dir", type=Path)
     x.add_argument("--models-dir", type=Path, default=None)
     x.add_argument("--fp32", action="store_true", help="keep float32 weights (default: float16 storage)")
+    x.add_argument("--xz", action="store_true", help="store the networks xz-compressed (read transparently)")
     x.set_defaults(func=_export)
 
 

@@ -17,6 +17,7 @@ from facerecon.nets.onnx_io import (
     export_rnet,
     face_model_ref,
 )
+from facerecon.nets.runtime import compress_network
 from facerecon.train.loop import CNET_CHECKPOINT, load_cnet, load_rnet
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,14 @@ def _licence(real_data: bool) -> tuple[str, str, bool]:
 
 
 def export_run(run_dir: Path, models_dir: Path | None = None, *, weights_fp16: bool = True,
-               description: str | None = None) -> list[NetworkCard]:
+               description: str | None = None, compress: bool = False) -> list[NetworkCard]:
     """Export the R-Net of ``run_dir`` (and its C-Net if ``cnet_checkpoint.pt`` exists) beside the face model.
 
     Args:
         run_dir: a :func:`facerecon.train.loop.train_rnet` run directory.
         models_dir: where ``<face_model>/facemodel.npz`` lives (default: the run's ``models_dir``).
         weights_fp16: store the weights as float16 (half the size; parity is measured into the card).
+        compress: store each network as ``<file>.xz`` (:func:`facerecon.nets.runtime.compress_network`).
 
     Returns:
         The written cards (R-Net first).
@@ -136,4 +138,6 @@ def export_run(run_dir: Path, models_dir: Path | None = None, *, weights_fp16: b
     for c in cards:
         log.info("exported %s: %s (%d bytes, max |ORT - torch| %.2e)", c.kind, c.file, c.bytes or 0,
                  c.onnx.max_abs_diff_vs_torch or 0.0)
+        if compress:
+            log.info("compressed to %s", compress_network(out_dir / str(c.file)))
     return cards
