@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -58,6 +58,15 @@ CNET_CHECKPOINT = "cnet_checkpoint.pt"
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------------
+_C = TypeVar("_C")
+
+
+def _from_known_fields(cls: type[_C], d: dict[str, Any]) -> _C:
+    """A config dataclass from a saved dict, ignoring keys it no longer has (old run directories stay loadable)."""
+    known = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    return cls(**{k: v for k, v in d.items() if k in known})
+
+
 @dataclass
 class RNetConfig:
     """Everything a run needs; stored as ``RUN_DIR/config.json`` (a resumed run reads it back).
@@ -102,8 +111,7 @@ class RNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RNetConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return _from_known_fields(cls, d)
 
 
 #: Scale of each coefficient group in the synthetic sampler; the supervision term is the mean squared error of each
@@ -553,8 +561,7 @@ class CNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CNetConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return _from_known_fields(cls, d)
 
 
 def set_loss(decoder: FaceDecoder, renderer: Renderer, coeffs: Coefficients, images: Tensor, skin: Tensor,
