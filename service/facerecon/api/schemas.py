@@ -170,6 +170,22 @@ class AlignmentOut(BaseModel):
     trans_params: list[float] = Field(description="the reference's [w0, h0, sigma, tx, ty]")
 
 
+class DetectionOut(BaseModel):
+    """How sure the detector is of this face. A face that is not ``reliable`` was still reconstructed, but its
+    result may be wrong (a weak detection, or landmarks the face mesh itself doubts, as on some true profiles)."""
+
+    score: float = Field(description="detector confidence, 0-1 (BlazeFace)")
+    landmark_score: float = Field(description="landmark confidence, 0-1 (the face mesh's face-presence output)")
+    reliable: bool = Field(description="both confidences above their thresholds")
+    warnings: list[str] = Field(description="why the face is not reliable (empty when it is)")
+    pose_estimate: Pose | None = Field(None, description="head pose from the detector's 3D landmarks, degrees")
+
+    @classmethod
+    def of(cls, d: dict) -> DetectionOut:
+        return cls(score=d["score"], landmark_score=d["landmark_score"], reliable=d["reliable"],
+                   warnings=d["warnings"], pose_estimate=d.get("pose_estimate"))
+
+
 class FaceResult(BaseModel):
     """One reconstructed face."""
 
@@ -178,6 +194,7 @@ class FaceResult(BaseModel):
     box: list[float] = Field(description="detector box (x0, y0, x1, y1), photo px, y down", min_length=4,
                              max_length=4)
     score: float | None = Field(None, description="detector confidence")
+    detection: DetectionOut
     coefficients: CoefficientsOut
     expressions: dict[str, float] | None = Field(
         None, description="the `exp` coefficients by blendshape name, for models that name them")
@@ -220,6 +237,7 @@ class SetItem(BaseModel):
     index: int = Field(description="position of the photo in the request")
     mode: str
     box: list[float] = Field(min_length=4, max_length=4, description="detector box, photo px, y down")
+    detection: DetectionOut
     pose_degrees: Pose
     angle: list[float] = Field(description="(pitch, yaw, roll), radians", min_length=3, max_length=3)
     expression: list[float] = Field(description="`exp` coefficients")

