@@ -250,6 +250,10 @@ def test_reconstruct_json(live: str, photo: bytes, photo_size: tuple[int, int], 
     assert set(face["expressions"]) == set(model_info["face_model"]["expression_names"])
     assert set(face["pose_degrees"]) == {"pitch", "yaw", "roll"}
     assert abs(face["pose_degrees"]["yaw"]) < 60
+    det = face["detection"]  # the detector's confidences and its own pose estimate travel with every face
+    assert det["reliable"] is True and det["warnings"] == []
+    assert 0.6 <= det["score"] <= 1 and 0.5 <= det["landmark_score"] <= 1
+    assert abs(det["pose_estimate"]["yaw"] - face["pose_degrees"]["yaw"]) < 15
     x0, y0, x1, y1 = face["box"]
     assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
     assert face["alignment"]["w0"] == w and face["alignment"]["h0"] == h
