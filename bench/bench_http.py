@@ -82,30 +82,23 @@ def run_level(url: str, photo: bytes, fmt: str, concurrency: int, n: int, max_se
 
 
 def bare_reference(photo_path: Path, repeats: int) -> tuple[str, float]:
-    """The bare model step on the same photo, in this process: R-Net forward if installed, else the fit (ms)."""
-    from facerecon.fit import fit
+    """The bare model step on the same photo, in this process: the estimate stage (R-Net if installed, else the
+    fit) on the prepared face, as the pipeline runs it (ms)."""
     from facerecon.imaging import load_image
     from facerecon.pipeline import Reconstructor
 
     rec = Reconstructor()  # same settings as the server (FACERECON_*; 1 torch thread by default)
     image = load_image(photo_path)
-    face = rec.detect(image)[0]
-    crop, _, lm68, skin = rec._prepare(image, face, {})
-    target = rec._targets([crop], [lm68], [skin])
+    prepared = rec.prepare(image, rec.detect(image)[0])
     times = []
-    if rec.rnet is not None:
-        x = target.image.cpu().numpy()
-        rec.rnet.run(x)
-        for _ in range(max(repeats, 10)):
-            t0 = time.perf_counter()
-            rec.rnet.run(x)
-            times.append((time.perf_counter() - t0) * 1000)
-        return f"bare R-Net forward ({rec.rnet.providers[0]})", statistics.median(times)
-    fit(rec.decoder, rec.renderer, target, config=rec.fit_config)  # warm-up (numba, allocations)
-    for _ in range(repeats):
+    mode = "rnet" if rec.rnet is not None else "fit"
+    rec.estimate([prepared], mode=mode)  # warm-up (numba, allocations)
+    for _ in range(max(repeats, 10) if mode == "rnet" else repeats):
         t0 = time.perf_counter()
-        fit(rec.decoder, rec.renderer, target, config=rec.fit_config)
+        rec.estimate([prepared], mode=mode)
         times.append((time.perf_counter() - t0) * 1000)
+    if mode == "rnet":
+        return f"bare R-Net estimate ({rec.rnet.providers[0]})", statistics.median(times)
     return "bare test-time fit (no R-Net installed)", statistics.median(times)
 
 

@@ -28,9 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facerecon.coefficients import Coefficients
 from facerecon.errors import FaceReconError
-from facerecon.fit import fit
 from facerecon.imaging import load_image
 from facerecon.pipeline import Reconstructor
 
@@ -61,17 +59,8 @@ def describe(values: list[float]) -> tuple[float, float, float, float, float]:
 
 
 def identity_of(rec: Reconstructor, mode: str, image: np.ndarray) -> torch.Tensor:
-    face = rec.detect(image)[0]
-    crop, _, lm68, skin = rec._prepare(image, face, {})
-    target = rec._targets([crop], [lm68], [skin])
-    init = None
-    if mode.startswith("rnet"):
-        assert rec.rnet is not None
-        vec = torch.from_numpy(rec.rnet.run(target.image.cpu().numpy())["coeffs"]).to(rec.device)
-        init = Coefficients.from_vector(vec, rec.model.layout)
-        if mode == "rnet":
-            return init.id[0].cpu()
-    return fit(rec.decoder, rec.renderer, target, init=init, config=rec.fit_config).coefficients.id[0].cpu()
+    prepared = rec.prepare(image, rec.detect(image)[0])
+    return rec.estimate([prepared], mode=mode).coefficients.id[0].cpu()  # type: ignore[arg-type]
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from facerecon.errors import FaceReconError
-from facerecon.fit import fit
 from facerecon.imaging import load_image
 from facerecon.pipeline import Reconstructor
 
@@ -91,33 +90,23 @@ def main() -> None:
                 if human is not None:  # the annotated face, not merely the largest
                     centre = human.mean(0)
                     face = min(faces, key=lambda f: float(np.linalg.norm(f.lm68.mean(0) - centre)))
-                crop, alignment, lm68_crop, skin = rec._prepare(image, face, {})
+                prepared = rec.prepare(image, face)
             except FaceReconError:
                 failures += 1
                 continue
-            target = rec._targets([crop], [lm68_crop], [skin])
             if human is not None:
                 baseline.append(nme(face.lm68.astype(np.float64), human))
             for mode in modes:
                 t0 = time.perf_counter()
-                init = None
-                if mode.startswith("rnet"):
-                    vec = torch.from_numpy(rec.rnet.run(target.image.numpy())["coeffs"])
-                    from facerecon.coefficients import Coefficients
-
-                    init = Coefficients.from_vector(vec, rec.model.layout)
-                if mode == "rnet":
-                    coeffs = init
-                    assert coeffs is not None
-                else:
-                    res = fit(rec.decoder, rec.renderer, target, init=init, config=rec.fit_config)
-                    coeffs = res.coefficients
-                    results[mode]["start"].append(res.landmark_error_start[0])
-                    results[mode]["end"].append(res.landmark_error_end[0])
+                est = rec.estimate([prepared], mode=mode)  # type: ignore[arg-type]
+                coeffs = est.coefficients
+                if est.fit_landmark_error is not None:
+                    results[mode]["start"].append(est.fit_landmark_error[0][0])
+                    results[mode]["end"].append(est.fit_landmark_error[1][0])
                 results[mode]["seconds"].append(time.perf_counter() - t0)
                 with torch.no_grad():
                     lm = rec.decoder(coeffs).landmarks_2d[0].numpy().astype(np.float64)
-                pred = alignment.to_photo(lm)
+                pred = prepared.alignment.to_photo(lm)
                 results[mode]["detector"].append(nme(pred, face.lm68.astype(np.float64)))
                 if human is not None:
                     results[mode]["human"].append(nme(pred, human))

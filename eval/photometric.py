@@ -32,10 +32,9 @@ import torch
 
 from facerecon.coefficients import Coefficients
 from facerecon.errors import FaceReconError
-from facerecon.fit import FitTarget, fit
 from facerecon.imaging import load_image
 from facerecon.losses import photometric_loss
-from facerecon.pipeline import Reconstructor
+from facerecon.pipeline import PreparedFace, Reconstructor
 from facerecon.skin import REFERENCE_GMM, skin_attention
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -66,17 +65,10 @@ def photometric_errors(rec: Reconstructor, coeffs: Coefficients, crop: np.ndarra
     return {"mae": mae, "l21": l21, "region": n / skin[0, 0].numel()}
 
 
-def coefficients_for(rec: Reconstructor, mode: str, target: FitTarget) -> Coefficients:
+def coefficients_for(rec: Reconstructor, mode: str, prepared: PreparedFace) -> Coefficients:
     if mode == "mean face":  # the baseline: zero coefficients (mean shape and albedo, ambient light), aligned
         return Coefficients.zeros(rec.model.layout, 1, rec.device)
-    init = None
-    if mode.startswith("rnet"):
-        assert rec.rnet is not None
-        vec = torch.from_numpy(rec.rnet.run(target.image.cpu().numpy())["coeffs"]).to(rec.device)
-        init = Coefficients.from_vector(vec, rec.model.layout)
-        if mode == "rnet":
-            return init
-    return fit(rec.decoder, rec.renderer, target, init=init, config=rec.fit_config).coefficients
+    return rec.estimate([prepared], mode=mode).coefficients  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -102,15 +94,14 @@ def main() -> None:
         for p in photos:
             try:
                 image = load_image(p)
-                face = rec.detect(image)[0]
-                crop, _, lm68, skin = rec._prepare(image, face, {})
+                prepared = rec.prepare(image, rec.detect(image)[0])
+                crop = prepared.crop
             except FaceReconError:
                 skipped += 1
                 continue
-            target = rec._targets([crop], [lm68], [skin])
             for mode in modes:
                 t0 = time.perf_counter()
-                coeffs = coefficients_for(rec, mode, target)
+                coeffs = coefficients_for(rec, mode, prepared)
                 seconds = time.perf_counter() - t0
                 e = photometric_errors(rec, coeffs, crop)
                 e["seconds"] = seconds

@@ -1,8 +1,11 @@
-"""Shared fixtures: the repository's models, the shared assets folder beside the repository."""
+"""Shared fixtures: the repository's models, the shared assets folder beside the repository, and one engine and
+one live server for the whole session (loading a Reconstructor costs seconds; each module used to build its own)."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,37 @@ def ict_decoder(ict_model):
     from facerecon.decoder import FaceDecoder
 
     return FaceDecoder(ict_model)
+
+
+#: Limits of the shared live server (small, so the 413 tests send little).
+LIVE_MAX_UPLOAD = 1024 * 1024
+LIVE_MAX_SET = 4
+
+
+@pytest.fixture(scope="session")
+def reconstructor():
+    """The default engine (settings from the environment: the shipped ICT model, R-Net and C-Net)."""
+    from facerecon.pipeline import Reconstructor
+
+    return Reconstructor()
+
+
+@pytest.fixture(scope="session")
+def live_server(reconstructor) -> Iterator[str]:
+    """One real HTTP server over the session's engine (loaded through the app's start-up path, warm-up included);
+    its URL. Tests that need other settings or a stand-in engine start their own."""
+    import httpx
+
+    from facerecon.api.app import create_app
+    from facerecon.api.server import serve_in_thread
+    from facerecon.config import Settings
+
+    need_shared("data", "deep3d-examples")
+    settings = Settings(max_upload_bytes=LIVE_MAX_UPLOAD, max_set_images=LIVE_MAX_SET, workers=1, queue_size=8,
+                        request_timeout_s=240.0, graceful_timeout_s=5.0)
+    with serve_in_thread(create_app(settings, lambda: reconstructor), settings) as server:
+        t0 = time.monotonic()
+        while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() - t0 < 240, "the server did not become ready"
+            time.sleep(0.2)
+        yield server.url

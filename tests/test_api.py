@@ -30,14 +30,14 @@ from facerecon.api.server import RunningServer, serve_in_thread
 from facerecon.api.workers import InferencePool
 from facerecon.config import Settings
 from facerecon.errors import NoFaceFound
-from tests.conftest import EXAMPLES, need_shared
+from tests.conftest import EXAMPLES, LIVE_MAX_SET, LIVE_MAX_UPLOAD, need_shared
 
 pytestmark = pytest.mark.timeout(300)
 
 PHOTO = "000002.jpg"
 SET_PHOTOS = ("Aaron_Peirsol_0001.jpg", "Aaron_Peirsol_0003.jpg", "Aaron_Peirsol_0004.jpg")
-MAX_UPLOAD = 1024 * 1024  # small, so the 413 tests send little
-MAX_SET = 4
+MAX_UPLOAD = LIVE_MAX_UPLOAD  # small, so the 413 tests send little
+MAX_SET = LIVE_MAX_SET
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
@@ -125,6 +125,9 @@ class FakeReconstructor:
     def export(self, rec: Any, fmt: str) -> bytes:
         return f"mesh {fmt}\n".encode()
 
+    def export_files(self, image: np.ndarray, rec: Any, fmt: str, texture: str = "none") -> dict[str, bytes]:
+        return {f"mesh.{fmt}": self.export(rec, fmt)}
+
     def overlay(self, image: np.ndarray, rec: Any) -> np.ndarray:
         return image
 
@@ -159,18 +162,8 @@ def post_image(url: str, data: bytes = SMALL_PNG, timeout: float = 60.0, **field
 
 # -- the real server ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def live() -> Iterator[str]:
-    need_shared("data", "deep3d-examples", PHOTO)
-    settings = Settings(max_upload_bytes=MAX_UPLOAD, max_set_images=MAX_SET, workers=1, queue_size=8,
-                        request_timeout_s=240.0, graceful_timeout_s=5.0)
-    with serve_in_thread(create_app(settings), settings) as server:
-        # Not ready while loading and warming up (the first probe comes well before the model is in).
-        first = httpx.get(f"{server.url}/readyz", timeout=5)
-        if first.status_code == 503:
-            assert error_of(first)["code"] == "not_ready"
-            assert int(first.headers["retry-after"]) >= 1
-        wait_ready(server.url, timeout=240)
-        yield server.url
+def live(live_server: str) -> str:
+    return live_server
 
 
 @pytest.fixture(scope="module")
@@ -486,6 +479,26 @@ def test_bug_is_a_500_with_logged_traceback(caplog: pytest.LogCaptureFixture) ->
     err = error_of(r)
     assert err["code"] == "internal" and "secret" not in err["message"]
     assert any(rec.exc_info and rec.levelno == logging.ERROR for rec in caplog.records)
+
+
+def test_an_export_the_model_cannot_give_is_a_422() -> None:
+    """``texture=photo`` on a face model without UVs: the pipeline's typed ExportNotSupported reaches the client as
+    the 422 error shape (it used to be a 500)."""
+    from facerecon.errors import ExportNotSupported
+
+    class NoUvs(FakeReconstructor):
+        def export_files(self, image: np.ndarray, rec: Any, fmt: str, texture: str = "none") -> dict[str, bytes]:
+            if texture != "none":
+                raise ExportNotSupported("the face model 'bfm' has no UVs", field="texture")
+            return super().export_files(image, rec, fmt, texture)
+
+    with fake_server(NoUvs()) as srv:
+        r = httpx.post(f"{srv.url}/v1/reconstruct", files={"image": ("p.png", SMALL_PNG, "image/png")},
+                       data={"texture": "photo", "format": "glb"})
+        assert r.status_code == 422, r.text
+        err = error_of(r)
+        assert err["code"] == "export_not_supported" and "UVs" in err["message"]
+        assert err["details"]["field"] == "texture"
 
 
 def test_output_negotiation() -> None:

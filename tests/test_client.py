@@ -6,15 +6,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from facerecon.api.app import create_app
-from facerecon.api.server import serve_in_thread
-from facerecon.config import Settings
 from facerecon_client import (
     AsyncFaceReconClient,
     FaceReconClient,
@@ -39,13 +35,8 @@ SET_PHOTOS = ("Aaron_Peirsol_0001.jpg", "Aaron_Peirsol_0003.jpg", "Aaron_Peirsol
 
 
 @pytest.fixture(scope="module")
-def url() -> Iterator[str]:
-    need_shared("data", "deep3d-examples", PHOTO)
-    settings = Settings(workers=1, queue_size=8, max_set_images=4, request_timeout_s=240.0, graceful_timeout_s=5.0)
-    with serve_in_thread(create_app(settings), settings) as server:
-        with FaceReconClient(server.url) as client:
-            client.wait_ready(timeout=240)
-        yield server.url
+def url(live_server: str) -> str:
+    return live_server
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +249,39 @@ def test_typed_models_decode_embedded_files() -> None:
         "face_model": "ict", "layout": {"id": 1}, "photo_size": [10, 10], "face_count": 1, "faces": [face]}))
     assert rec.face.mesh == b"glTF" and rec.face.mesh_format == "glb" and rec.face.overlay is None
     assert rec.face.pose.roll == 3 and rec.face.landmarks68[0] == (1.0, 2.0)
+
+
+def test_every_error_code_the_service_emits_has_its_class_in_the_client() -> None:
+    """The contract between the service's error classes and the SDK: every ``code`` the service can answer with
+    (its typed errors, the framework-level HTTP codes, the catch-all ``internal``) maps to a dedicated client class
+    with the same meaning (a 4xx is an InvalidInput, a 503 an Unavailable, a 504 a timeout, a 500 internal)."""
+    import facerecon.api.errors as api_errors
+    import facerecon.errors as engine_errors
+    from facerecon_client import ERRORS_BY_CODE, InternalServiceError, InvalidInput, ServiceTimeout, Unavailable
+
+    def subclasses(cls: type) -> set[type]:
+        out = set()
+        for sub in cls.__subclasses__():
+            out |= {sub} | subclasses(sub)
+        return out
+
+    # the errors users can cause live in these two modules (architecture rule); a build tool's own error classes
+    # (a model-file reader's, say) never reach an HTTP response
+    service_modules = {engine_errors.__name__, api_errors.__name__}
+    classes = {c for c in subclasses(engine_errors.FaceReconError) if c.__module__ in service_modules}
+    emitted = {c.code: c.http_status for c in classes | {engine_errors.FaceReconError}}
+    assert {"overloaded", "no_face", "export_not_supported"} <= set(emitted)
+    emitted |= {code: status for status, code in api_errors.HTTP_CODES.items()}
+    emitted |= {"internal": 500, "http_error": 500}
+    missing = sorted(set(emitted) - set(ERRORS_BY_CODE))
+    assert not missing, f"client has no class for {missing}"
+    for code, status in emitted.items():
+        cls = ERRORS_BY_CODE[code]
+        if status in (429, 503):
+            assert issubclass(cls, Unavailable), code
+        elif status == 504:
+            assert issubclass(cls, ServiceTimeout), code
+        elif 400 <= status < 500:
+            assert issubclass(cls, InvalidInput), code
+        else:
+            assert issubclass(cls, InternalServiceError), code

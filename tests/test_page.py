@@ -13,9 +13,7 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +23,8 @@ import pytest
 import trimesh
 from PIL import Image
 
-from facerecon.api.app import create_app
 from facerecon.api.page import STATIC_DIR, page_built
-from facerecon.api.server import serve_in_thread
-from facerecon.config import Settings
-from tests.conftest import EXAMPLES, REPO, SHARED, need_shared
+from tests.conftest import EXAMPLES, REPO, SHARED
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -55,15 +50,8 @@ def _need_page_tools() -> str:
 
 
 @pytest.fixture(scope="module")
-def live() -> Iterator[str]:
-    need_shared("data", "deep3d-examples", PHOTO)
-    settings = Settings(workers=1, queue_size=8, request_timeout_s=120.0, graceful_timeout_s=5.0)
-    with serve_in_thread(create_app(settings), settings) as server:
-        t0 = time.monotonic()
-        while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 200:
-            assert time.monotonic() - t0 < 240, "the server did not become ready"
-            time.sleep(0.2)
-        yield server.url
+def live(live_server: str) -> str:
+    return live_server
 
 
 # -- without a browser ----------------------------------------------------------------------------------------------

@@ -22,13 +22,6 @@ MAX_MEAN_NME = 0.08
 MAX_PHOTO_NME = 0.15
 
 
-@pytest.fixture(scope="module")
-def reconstructor():
-    from facerecon.pipeline import Reconstructor
-
-    return Reconstructor()
-
-
 def _nme(rec) -> float:
     lm5 = rec.face.lm5
     iod = float(np.linalg.norm(lm5[0] - lm5[1]))

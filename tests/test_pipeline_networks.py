@@ -3,6 +3,7 @@ a broken install refused at start-up."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -76,6 +77,24 @@ def test_set_uses_the_cnet(reconstructor) -> None:
     assert result.aggregation.startswith("C-Net")
     ids = np.stack([it.coefficients.id[0].numpy() for it in result.items])
     assert np.allclose(ids, ids[0])
+    # The shipped C-Net's confidences are nearly uniform (its weighted mean matches the plain mean to ~1e-7 here),
+    # so prove the wiring with confidences that are not: a stand-in C-Net that trusts the first photo 9x more.
+    prepared = [reconstructor.prepare(p, reconstructor.detect(p)[0]) for p in photos]
+    own = np.stack([reconstructor.estimate([q], mode="rnet").coefficients.id[0].numpy() for q in prepared])
+    weights = np.array([9.0, 1.0, 1.0], np.float32)[:, None]
+
+    class Skewed:
+        def run(self, images: np.ndarray, features: np.ndarray) -> dict[str, np.ndarray]:
+            b = images.shape[0]
+            k_id, k_tex = reconstructor.model.layout.id, reconstructor.model.layout.tex
+            return {"conf_id": np.repeat(weights[:b], k_id, 1), "conf_tex": np.repeat(weights[:b], k_tex, 1)}
+
+    skewed = copy.copy(reconstructor)
+    skewed.cnet = Skewed()
+    est = skewed.estimate(prepared, mode="rnet", share_identity=True)
+    expected = (weights * own).sum(0) / weights.sum()
+    np.testing.assert_allclose(est.coefficients.id[0].numpy(), expected, rtol=1e-4, atol=1e-7)
+    assert np.abs(own.mean(0) - expected).max() > 0.05 * np.abs(expected).max()  # a plain mean would fail here
 
 
 def test_a_broken_network_is_a_start_up_error(models_dir: Path, tmp_path: Path) -> None:

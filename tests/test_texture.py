@@ -18,6 +18,10 @@ import pytest
 import torch
 import trimesh
 
+from facerecon.errors import ExportNotSupported
+from facerecon.export import MeshData, split_seams, to_zip
+from facerecon.export import textured_glb as write_glb
+from facerecon.export import textured_obj as write_obj
 from facerecon.render import get_renderer
 from facerecon.texture import (
     CONF_FILLED,
@@ -29,12 +33,8 @@ from facerecon.texture import (
     photo_texture,
     push_pull,
     sample_texture,
-    split_seams,
     supports_texture,
     texture_atlas,
-    textured_glb,
-    textured_obj,
-    to_zip,
 )
 from tests.conftest import EXAMPLES
 
@@ -85,16 +85,35 @@ def test_atlas_is_one_non_overlapping_unit_square(ict_model) -> None:
     np.testing.assert_array_equal(vertex_of[faces], ict_model.triangles.numpy())
 
 
-def test_a_model_without_uvs_is_refused(ict_model) -> None:
+def _mesh(rec, model, tex: Texture) -> MeshData:
+    return MeshData(vertices=rec.decoded.vertices_world[0].cpu().numpy().astype(np.float64),
+                    faces=model.triangles.cpu().numpy(), uvs=tex.atlas.uvs, uv_faces=tex.atlas.uv_faces)
+
+
+def textured_obj(rec, model, tex: Texture) -> dict[str, bytes]:
+    return write_obj(_mesh(rec, model, tex), tex.png())
+
+
+def textured_glb(rec, model, tex: Texture) -> bytes:
+    return write_glb(_mesh(rec, model, tex), rec.decoded.normals_world[0].cpu().numpy(), tex.image)
+
+
+def test_a_model_without_uvs_is_refused(ict_model, reconstructor, cases) -> None:
     bare = copy.copy(ict_model)
     bare.extras = {k: v for k, v in ict_model.extras.items() if not k.startswith("uv_")}
     assert supports_texture(ict_model) and not supports_texture(bare)
     with pytest.raises(ValueError, match="no UV"):
         texture_atlas(bare)
-    with pytest.raises(ValueError, match="no UV"):
-        textured_obj(None, bare, None, "albedo")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="no UV"):
-        textured_glb(None, bare, None, "albedo")  # type: ignore[arg-type]
+    # the one export entry point refuses it with a typed 422, never a crash; and a texture in PLY likewise
+    case = cases[TURNED]
+    without_uvs = copy.copy(reconstructor)
+    without_uvs.model = bare
+    with pytest.raises(ExportNotSupported, match="no UVs") as exc:
+        without_uvs.export_files(case.image, case.rec, "obj", "photo")
+    assert exc.value.http_status == 422 and exc.value.code == "export_not_supported"
+    with pytest.raises(ExportNotSupported, match="obj or glb"):
+        reconstructor.export_files(case.image, case.rec, "ply", "albedo")
+    assert set(without_uvs.export_files(case.image, case.rec, "ply")) == {"mesh.ply"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,15 +128,6 @@ class Case:
     photo: Texture
     albedo: Texture
     seconds: float
-
-
-@pytest.fixture(scope="module")
-def reconstructor():
-    if not EXAMPLES.exists():
-        pytest.skip(f"needs {EXAMPLES} (the shared assets folder beside the repository)")
-    from facerecon.pipeline import Reconstructor
-
-    return Reconstructor()
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +190,7 @@ def test_obj_bundle_loads_with_its_texture_and_reproduces_the_photo(reconstructo
     model = reconstructor.model
     ratios = []
     for case in cases.values():
-        files = textured_obj(case.rec, model, case.image, texture=case.photo)
+        files = textured_obj(case.rec, model, case.photo)
         assert set(files) == {"mesh.obj", "mesh.mtl", "texture.png"}
         text = files["mesh.obj"].decode()
         assert "mtllib mesh.mtl" in text and "usemtl face" in text
@@ -211,7 +221,7 @@ def test_obj_bundle_loads_with_its_texture_and_reproduces_the_photo(reconstructo
 
 def test_zip_bundle_round_trip(reconstructor, cases) -> None:
     case = cases[TURNED]
-    files = textured_obj(case.rec, reconstructor.model, None, "albedo", texture=case.albedo)
+    files = textured_obj(case.rec, reconstructor.model, case.albedo)
     data = to_zip(files)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         assert zf.namelist() == list(files)
@@ -222,7 +232,7 @@ def test_zip_bundle_round_trip(reconstructor, cases) -> None:
 def test_glb_embeds_the_texture_with_gltf_uv_origin(reconstructor, cases) -> None:
     model = reconstructor.model
     case = cases[TURNED]
-    glb = textured_glb(case.rec, model, case.image, texture=case.photo)
+    glb = textured_glb(case.rec, model, case.photo)
     # the raw file: one embedded PNG image, TEXCOORD_0 with glTF's top-left origin (v' = 1 - v)
     assert glb[:4] == b"glTF"
     json_len = struct.unpack("<I", glb[12:16])[0]

@@ -11,12 +11,23 @@
         │   ├── ImageTooLarge          413 image_too_large
         │   ├── NoFaceFound            422 no_face
         │   ├── TooManyImages          422 too_many_images
-        │   └── ValidationFailed       422 validation_error
-        ├── Unavailable                503: try again after ``retry_after`` seconds
+        │   ├── ExportNotSupported     422 export_not_supported
+        │   ├── ValidationFailed       422 validation_error
+        │   ├── MalformedRequest       400 malformed_request, bad_request, bad_input
+        │   ├── UnsupportedMediaType   415 unsupported_media_type
+        │   ├── NotAcceptable          406 not_acceptable
+        │   ├── UploadTimeout          408 upload_timeout
+        │   ├── RequestTooLarge        413 request_too_large
+        │   ├── NotFound               404 not_found, 405 method_not_allowed
+        │   └── AccessDenied           401 unauthorized, 403 forbidden
+        ├── Unavailable                503 unavailable, 429 too_many_requests: try again after ``retry_after``
         │   ├── Overloaded             503 overloaded
         │   └── NotReady               503 not_ready
         ├── ServiceTimeout             504 timeout
-        └── InternalServiceError       500 internal
+        └── InternalServiceError       500 internal, model_file, error, http_error
+
+Every code the service can answer has its class here (``tests/test_client.py`` checks it against the service's
+error classes).
 """
 
 from __future__ import annotations
@@ -76,6 +87,38 @@ class ValidationFailed(InvalidInput):
     """422 ``validation_error``: a missing, unknown or invalid field (``details.errors``)."""
 
 
+class ExportNotSupported(InvalidInput):
+    """422 ``export_not_supported``: an output this face model or format cannot give (a texture without UVs)."""
+
+
+class MalformedRequest(InvalidInput):
+    """400 ``malformed_request`` / ``bad_request`` / ``bad_input``: the HTTP request itself is broken."""
+
+
+class UnsupportedMediaType(InvalidInput):
+    """415 ``unsupported_media_type``: the request body is not multipart/form-data."""
+
+
+class NotAcceptable(InvalidInput):
+    """406 ``not_acceptable``: no output format matches the ``Accept`` header."""
+
+
+class UploadTimeout(InvalidInput):
+    """408 ``upload_timeout``: the upload was too slow."""
+
+
+class RequestTooLarge(InvalidInput):
+    """413 ``request_too_large``: the request body is over the limit."""
+
+
+class NotFound(InvalidInput):
+    """404 ``not_found`` / 405 ``method_not_allowed``: no such endpoint (or not with this method)."""
+
+
+class AccessDenied(InvalidInput):
+    """401 ``unauthorized`` / 403 ``forbidden``."""
+
+
 class Unavailable(ServiceError):
     """503: the service cannot take the request now; ``retry_after`` says when to try again."""
 
@@ -102,11 +145,28 @@ ERRORS_BY_CODE: dict[str, type[ServiceError]] = {
     "image_too_large": ImageTooLarge,
     "no_face": NoFaceFound,
     "too_many_images": TooManyImages,
+    "export_not_supported": ExportNotSupported,
     "validation_error": ValidationFailed,
+    "malformed_request": MalformedRequest,
+    "bad_request": MalformedRequest,
+    "bad_input": MalformedRequest,
+    "unsupported_media_type": UnsupportedMediaType,
+    "not_acceptable": NotAcceptable,
+    "upload_timeout": UploadTimeout,
+    "request_too_large": RequestTooLarge,
+    "not_found": NotFound,
+    "method_not_allowed": NotFound,
+    "unauthorized": AccessDenied,
+    "forbidden": AccessDenied,
+    "unavailable": Unavailable,
+    "too_many_requests": Unavailable,
     "overloaded": Overloaded,
     "not_ready": NotReady,
     "timeout": ServiceTimeout,
     "internal": InternalServiceError,
+    "model_file": InternalServiceError,
+    "error": InternalServiceError,
+    "http_error": InternalServiceError,
 }
 
 

@@ -101,11 +101,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     def write(stem: str, image: Any, r: Any) -> None:
         folder = out / stem
         folder.mkdir(parents=True, exist_ok=True)
-        if args.texture != "none" and args.format in ("obj", "glb") and rec.model.has_uvs:
-            for name, data in rec.export_textured(image, r, args.format, args.texture).items():
-                (folder / name).write_bytes(data)
-        else:
-            (folder / f"mesh.{args.format}").write_bytes(rec.export(r, args.format))
+        for name, data in rec.export_files(image, r, args.format, args.texture).items():
+            (folder / name).write_bytes(data)
         save_png(rec.overlay(image, r), folder / "overlay.png")
         (folder / "coefficients.json").write_text(_json.dumps(rec.to_json(r), indent=1))
 

@@ -114,6 +114,13 @@ class Coefficients:
         """The ``i``-th face as a batch of one."""
         return Coefficients(*(t[i : i + 1] for t in self._tensors()))
 
+    @classmethod
+    def cat(cls, parts: list[Coefficients]) -> Coefficients:
+        """Batches stacked along B, in order."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
     def to_dict(self, i: int = 0) -> dict[str, list[float]]:
         """Face ``i`` as plain lists by group name (for JSON)."""
         return {f.name: getattr(self, f.name)[i].detach().cpu().double().tolist() for f in fields(self)}

@@ -59,6 +59,14 @@ class TooManyImages(InputError):
     http_status = 422
 
 
+class ExportNotSupported(InputError):
+    """An output the request asks for that this face model or format cannot give (a texture on a model without
+    UVs, a texture in PLY)."""
+
+    code = "export_not_supported"
+    http_status = 422
+
+
 class ModelFileError(FaceReconError):
     """A face-model or network file that is missing, truncated, malformed or fails its checksum."""
 

@@ -1,13 +1,15 @@
-"""Exports: OBJ (per-vertex colours, UVs where the model has them), PLY and binary glTF through trimesh, and the
-coefficients as JSON with named fields.
+"""Mesh writers: OBJ (per-vertex colours, UVs where the model has them), PLY and binary glTF through trimesh, and
+the textured variants (OBJ + MTL + PNG bundle, GLB with the texture embedded, a zip of a bundle).
 
-Meshes are written in the model's units (decimetres, as the reference's OBJ), in world space (posed ``R v + t``)
-unless asked otherwise; faces 1-based in OBJ as the format says. Nothing here mutates its inputs.
+Meshes are written in world space (posed ``R v + t``); OBJ and PLY in the model's units (decimetres, as the
+reference's OBJ), faces 1-based in OBJ as the format says. Nothing here mutates its inputs; the textures themselves
+are made by :mod:`facerecon.texture`, the choice of files for a request by ``Reconstructor.export_files``.
 """
 
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,6 +17,9 @@ import numpy as np
 import trimesh
 
 MeshFormat = Literal["obj", "ply", "glb"]
+TextureKind = Literal["photo", "albedo"]
+#: File names of a textured OBJ bundle.
+OBJ_NAME, MTL_NAME, PNG_NAME, MATERIAL_NAME = "mesh.obj", "mesh.mtl", "texture.png", "face"
 MEDIA_TYPES: dict[str, str] = {"obj": "model/obj", "ply": "application/ply", "glb": "model/gltf-binary"}
 
 
@@ -111,3 +116,94 @@ def export_mesh(mesh: MeshData, fmt: MeshFormat) -> bytes:
 def load_mesh(data: bytes, fmt: MeshFormat) -> trimesh.Trimesh:
     """Read a mesh back exactly as written (no merging or reordering of vertices)."""
     return trimesh.load(io.BytesIO(data), file_type=fmt, force="mesh", process=False)
+
+
+# -- textured --------------------------------------------------------------------------------------------------
+
+
+def _mtl(material: str, png_name: str) -> bytes:
+    return (
+        "# facerecon texture material\n"
+        f"newmtl {material}\n"
+        "Ka 1.000000 1.000000 1.000000\n"
+        "Kd 1.000000 1.000000 1.000000\n"
+        "Ks 0.000000 0.000000 0.000000\n"
+        "d 1.0\n"
+        "illum 1\n"
+        f"map_Kd {png_name}\n"
+    ).encode()
+
+
+def textured_obj(mesh: MeshData, texture_png: bytes) -> dict[str, bytes]:
+    """A textured OBJ bundle: ``mesh.obj`` (``mesh``'s vertices, its UVs, ``mtllib mesh.mtl`` / ``usemtl face``),
+    ``mesh.mtl`` (``map_Kd texture.png``) and ``texture.png``. Write the files side by side, or :func:`to_zip` them.
+
+    Args:
+        mesh: vertices, faces and the texture atlas's ``uvs`` / ``uv_faces`` (no colours: the texture carries them).
+        texture_png: the encoded texture.
+    """
+    if mesh.uvs is None:
+        raise ValueError("a textured OBJ needs UVs")
+    return {
+        OBJ_NAME: to_obj(mesh, mtl_name=MTL_NAME, material=MATERIAL_NAME),
+        MTL_NAME: _mtl(MATERIAL_NAME, PNG_NAME),
+        PNG_NAME: texture_png,
+    }
+
+
+def split_seams(faces: np.ndarray, uv_faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One vertex per distinct (vertex, uv) corner pair, so nothing is merged across UV seams.
+
+    Args:
+        faces: ``(F, 3)`` vertex ids; uv_faces: ``(F, 3)`` UV ids.
+
+    Returns:
+        ``(vertex_of (M,), uv_of (M,), new_faces (F, 3))``: the new vertex m is vertex ``vertex_of[m]`` with UV
+        ``uv_of[m]``.
+    """
+    pairs = np.stack([faces.reshape(-1), uv_faces.reshape(-1)], axis=1).astype(np.int64)
+    uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
+    return uniq[:, 0], uniq[:, 1], inverse.reshape(-1, 3).astype(np.int64)
+
+
+def textured_glb(mesh: MeshData, normals: np.ndarray, texture_rgb: np.ndarray) -> bytes:
+    """Binary glTF 2.0 with the texture embedded (PNG, ``baseColorTexture``, matte PBR material), the mesh split
+    along UV seams (one glTF vertex per distinct (vertex, uv) pair), with the given normals.
+
+    Args:
+        mesh: vertices, faces, ``uvs`` / ``uv_faces`` (OBJ's bottom-left UV origin; trimesh writes glTF's top-left).
+        normals: ``(N, 3)`` per-vertex normals (normalised here).
+        texture_rgb: ``(H, W, 3) uint8``, row 0 at the top.
+    """
+    import PIL.Image
+
+    if mesh.uvs is None or mesh.uv_faces is None:
+        raise ValueError("a textured GLB needs UVs")
+    vertex_of, uv_of, faces = split_seams(mesh.faces, mesh.uv_faces)
+    n = np.asarray(normals, np.float64)[vertex_of]
+    n /= np.linalg.norm(n, axis=1, keepdims=True).clip(1e-12)
+    material = trimesh.visual.material.PBRMaterial(
+        name=MATERIAL_NAME,
+        baseColorTexture=PIL.Image.fromarray(texture_rgb),
+        baseColorFactor=[255, 255, 255, 255],
+        metallicFactor=0.0,
+        roughnessFactor=1.0,
+    )
+    tm = trimesh.Trimesh(
+        vertices=np.asarray(mesh.vertices)[vertex_of],
+        faces=faces,
+        vertex_normals=n,
+        visual=trimesh.visual.TextureVisuals(uv=mesh.uvs[uv_of], material=material),
+        process=False,
+    )
+    return trimesh.exchange.gltf.export_glb(tm, include_normals=True)
+
+
+def to_zip(files: dict[str, bytes]) -> bytes:
+    """A zip archive of ``{name: bytes}`` (deflated; PNGs stored as they are), names in the given order."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            method = zipfile.ZIP_STORED if name.lower().endswith(".png") else zipfile.ZIP_DEFLATED
+            zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data, compress_type=method)
+    return buf.getvalue()

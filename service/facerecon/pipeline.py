@@ -1,8 +1,12 @@
-"""The one entry point: photo(s) -> reconstruction(s). The CLI and the HTTP app are thin shells over this.
+"""The one entry point: photo(s) -> reconstruction(s). The CLI, the HTTP app, the evaluations, the benchmarks and
+the training data preparation all run these same public stages:
 
-``bytes/array -> faces (detect) -> aligned 224 crop (align) -> coefficients (R-Net and/or fitting) -> decoded face
-(decoder) -> render/overlay (render) -> exports (export)``. Each stage is timed (milliseconds, in
-``Reconstruction.timings``).
+``detect(image) -> [DetectedFace]``, ``prepare(image, face) -> PreparedFace`` (the aligned 224 crop),
+``estimate([PreparedFace], mode=...) -> Estimate`` (coefficients for the batch: R-Net, C-Net for a set, fitting),
+``finish(prepared, estimate, i) -> Reconstruction`` (decoded, reprojected); :meth:`Reconstructor.reconstruct` and
+:meth:`Reconstructor.reconstruct_set` are a few lines over them. Outputs: :meth:`Reconstructor.export_files` (every
+mesh format, textured or not), :meth:`Reconstructor.overlay`, :meth:`Reconstructor.to_json`. Each stage is timed
+(milliseconds, in ``Reconstruction.timings``).
 
 Modes: with a trained R-Net installed for the face model (``models/<name>/rnet.json``), R-Net predicts and
 ``refine`` adds test-time fitting from its prediction; without one, fitting from the mean face is the quality path
@@ -17,76 +21,35 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from facerecon import __version__
-from facerecon.align import Alignment, align_face
+from facerecon.align import align_face
 from facerecon.coefficients import Coefficients
 from facerecon.config import Settings, get_settings
 from facerecon.decoder import DecodedFace, FaceDecoder
 from facerecon.detect import DetectedFace, FaceDetector, select_faces
-from facerecon.errors import NoFaceFound, TooManyImages
-from facerecon.export import MeshData, MeshFormat, export_mesh
+from facerecon.errors import ExportNotSupported, FaceReconError, NoFaceFound, TooManyImages
+from facerecon.export import MeshData, MeshFormat, TextureKind, export_mesh, textured_glb, textured_obj
 from facerecon.facemodel import FaceModel
 from facerecon.facemodel.registry import resolve
-from facerecon.fit import FitConfig, FitTarget, fit
-from facerecon.nets.cnet import aggregate
+from facerecon.fit import FitConfig, FitResult, FitTarget, fit
+from facerecon.nets.cnet import aggregate_set
 from facerecon.nets.runtime import OnnxNet, check_pair
 from facerecon.render import get_renderer
 from facerecon.render.base import Renderer
-from facerecon.render.overlay import overlay_on_photo, shaded_geometry
+from facerecon.render.overlay import overlay_on_photo
+from facerecon.results import Estimate, Mode, PreparedFace, Reconstruction, SetReconstruction
 from facerecon.skin import REFERENCE_GMM, skin_attention
 
 log = logging.getLogger(__name__)
 
 Which = Literal["largest", "all"]
 
-
-@dataclass
-class Reconstruction:
-    """One reconstructed face.
-
-    Attributes:
-        face: the detection (box, 5 and 68 landmarks in photo pixels, y down).
-        alignment: the 224-crop transform (:meth:`Alignment.to_photo` maps crop points back).
-        crop: ``(224, 224, 3)`` uint8 RGB aligned crop.
-        coefficients: batch of one.
-        decoded: batch of one.
-        landmarks_photo: ``(68, 2)`` float, the reconstruction's 68 landmarks reprojected into the photo (pixels,
-            y down, integer = pixel centre).
-        mode: ``"rnet"``, ``"rnet+fit"`` or ``"fit"``.
-        landmark_error_px: mean distance (crop px) between the reprojected and the detected 68 landmarks.
-        timings: stage -> milliseconds.
-    """
-
-    face: DetectedFace
-    alignment: Alignment
-    crop: np.ndarray
-    coefficients: Coefficients
-    decoded: DecodedFace
-    landmarks_photo: np.ndarray
-    mode: str
-    landmark_error_px: float
-    timings: dict[str, float] = field(default_factory=dict)
-    photo_size: tuple[int, int] = (0, 0)
-
-    def pose_degrees(self) -> dict[str, float]:
-        pitch, yaw, roll = np.degrees(self.coefficients.angle[0].detach().cpu().numpy()).tolist()
-        return {"pitch": pitch, "yaw": yaw, "roll": roll}
-
-
-@dataclass
-class SetReconstruction:
-    """An image set of one person: one identity/albedo, per-image pose, expression and lighting."""
-
-    items: list[Reconstruction]
-    identity: Coefficients  # batch of one: aggregated id/tex, zero expression, frontal, ambient light
-    aggregation: str
-    timings: dict[str, float] = field(default_factory=dict)
+__all__ = ["Estimate", "PreparedFace", "Reconstruction", "Reconstructor", "SetReconstruction", "prepare_face"]
 
 
 def _load_networks(settings: Settings, model: FaceModel) -> tuple[OnnxNet | None, OnnxNet | None]:
@@ -129,6 +92,21 @@ def _overlay_triangles(model: FaceModel) -> torch.Tensor:
         keep |= torch.from_numpy(np.isin(region, inner)).to(keep.device)
     tris = model.triangles
     return tris[keep[tris].all(dim=1)]
+
+
+def prepare_face(image: np.ndarray, face: DetectedFace, lm3d5: np.ndarray) -> PreparedFace:
+    """:meth:`Reconstructor.prepare` for a face model's 5 standard 3D points ``lm3d5`` (training data preparation
+    uses it without a Reconstructor)."""
+    timings: dict[str, float] = {}
+    with _timed(timings, "align"):
+        try:
+            yaw = face.pose[1] if face.pose is not None else None
+            crop, alignment, _ = align_face(image, face.lm5, lm3d5, lm68_photo=face.lm68, yaw_degrees=yaw)
+        except ValueError as exc:
+            raise NoFaceFound(f"the face found cannot be aligned: {exc}") from exc
+        lm68_crop = alignment.to_crop(face.lm68)
+    return PreparedFace(face=face, alignment=alignment, crop=crop, lm68_crop=lm68_crop,
+                        photo_size=(int(image.shape[1]), int(image.shape[0])), timings=timings)
 
 
 @contextmanager
@@ -192,158 +170,175 @@ class Reconstructor:
         }
 
     # -- stages ------------------------------------------------------------------------------------------------
+    def mode_for(self, refine: bool | None = None) -> Mode:
+        """The mode a request gets: ``rnet+fit`` (or ``rnet`` with ``refine=False``) with an R-Net, else ``fit``;
+        ``refine=None`` takes the service setting."""
+        if self.rnet is None:
+            return "fit"
+        refine = self.settings.refine if refine is None else refine
+        return "rnet+fit" if refine else "rnet"
+
     def detect(self, image: np.ndarray, which: Which = "largest") -> list[DetectedFace]:
+        """Faces to reconstruct, best first (:func:`~facerecon.detect.select_faces`).
+
+        Raises:
+            NoFaceFound: none in the photo.
+        """
         faces = select_faces(self.detector.detect(image, which), which)
         if not faces:
             raise NoFaceFound("no face found in the photo")
         return faces
 
-    def _prepare(self, image: np.ndarray, face: DetectedFace, timings: dict[str, float]) -> tuple[
-        np.ndarray, Alignment, np.ndarray, np.ndarray
-    ]:
-        with _timed(timings, "align"):
-            try:
-                yaw = face.pose[1] if face.pose is not None else None
-                crop, alignment, _ = align_face(image, face.lm5, self.lm3d5, lm68_photo=face.lm68, yaw_degrees=yaw)
-            except ValueError as exc:  # degenerate 5 points, or a face too small to resize to the crop
-                raise NoFaceFound(f"the face found cannot be aligned: {exc}") from exc
-            lm68_crop = alignment.to_crop(face.lm68)
-        with _timed(timings, "skin"):
-            skin = REFERENCE_GMM.probability(crop)
-        return crop, alignment, lm68_crop, skin
+    def prepare(self, image: np.ndarray, face: DetectedFace) -> PreparedFace:
+        """The aligned 224 crop of one face (the reference alignment, recentred for a turned face), its 68
+        landmarks in crop pixels (y up).
 
-    def _targets(self, crops: Sequence[np.ndarray], lms: Sequence[np.ndarray], skins: Sequence[np.ndarray]
-                 ) -> FitTarget:
-        image = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(255.0).to(self.device)
-        lm = torch.from_numpy(np.stack(lms)).float().to(self.device)
-        skin = skin_attention(torch.from_numpy(np.stack(skins))[:, None].float()).to(self.device)
-        return FitTarget(image=image, landmarks=lm, skin=skin)
+        Raises:
+            NoFaceFound: the face cannot be aligned (degenerate landmarks, or a face a few pixels wide).
+        """
+        return prepare_face(image, face, self.lm3d5)
 
-    def _finish(self, image: np.ndarray, face: DetectedFace, alignment: Alignment, crop: np.ndarray,
-                coeffs: Coefficients, mode: str, lm68_crop: np.ndarray, timings: dict[str, float]
-                ) -> Reconstruction:
+    def estimate(self, prepared: Sequence[PreparedFace], *, mode: Mode | None = None, refine: bool | None = None,
+                 share_identity: bool = False) -> Estimate:
+        """Coefficients for a batch of prepared faces (one R-Net call for the whole batch).
+
+        Args:
+            prepared: one or more faces (from one photo, several photos, or a set of one person).
+            mode: ``rnet``, ``rnet+fit`` or ``fit``; default :meth:`mode_for` ``(refine)``.
+            share_identity: the faces are one person: identity and albedo are aggregated (C-Net confidences when
+                installed, else the mean) and a fit shares them; otherwise each face is fitted on its own, exactly
+                as it would be alone.
+
+        Raises:
+            FaceReconError: an R-Net mode without an installed R-Net.
+        """
+        if not prepared:
+            raise ValueError("estimate needs at least one prepared face")
+        mode = mode or self.mode_for(refine)
+        if mode != "fit" and self.rnet is None:
+            raise FaceReconError(f"mode {mode!r} needs an installed R-Net")
+        timings: dict[str, float] = {}
+        images = np.stack([p.crop for p in prepared])
+        init: Coefficients | None = None
+        aggregation = None
+        with self._lock:
+            if mode != "fit":
+                with _timed(timings, "rnet"):
+                    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0).numpy()
+                    out = self.rnet.run(x)  # type: ignore[union-attr]
+                    init = Coefficients.from_vector(torch.from_numpy(out["coeffs"]).to(self.device), self.model.layout)
+                if share_identity:
+                    with _timed(timings, "cnet"):
+                        init, aggregation = self._aggregate(init, x, out)
+            if mode == "rnet":
+                return Estimate(init, mode, aggregation, timings)  # type: ignore[arg-type]
+            with _timed(timings, "skin"):
+                for p in prepared:
+                    if p.skin is None:
+                        p.skin = REFERENCE_GMM.probability(p.crop)
+            with _timed(timings, "fit"):
+                if share_identity or len(prepared) == 1:
+                    results = [self._fit(prepared, init, share_identity)]
+                else:
+                    results = [self._fit([p], None if init is None else init.index(i), False)
+                               for i, p in enumerate(prepared)]
+            coeffs = Coefficients.cat([r.coefficients for r in results])
+            errors = ([float(e) for r in results for e in r.landmark_error_start],
+                      [float(e) for r in results for e in r.landmark_error_end])
+            if share_identity:
+                aggregation = (aggregation + ", then shared-identity fit") if aggregation else "shared-identity fit"
+        return Estimate(coeffs, mode, aggregation, timings, errors)
+
+    def finish(self, prepared: PreparedFace, estimate: Estimate, index: int = 0) -> Reconstruction:
+        """Decode row ``index`` of ``estimate`` for ``prepared``: the reconstruction with its landmarks in the photo."""
+        timings = {**prepared.timings, **estimate.timings}
+        coeffs = estimate.coefficients.index(index)
         with _timed(timings, "decode"), torch.no_grad():
             decoded = self.decoder(coeffs)
         lm_crop = decoded.landmarks_2d[0].cpu().numpy().astype(np.float64)
-        err = float(np.linalg.norm(lm_crop - lm68_crop, axis=1).mean())
+        err = float(np.linalg.norm(lm_crop - prepared.lm68_crop, axis=1).mean())
         return Reconstruction(
-            face=face, alignment=alignment, crop=crop, coefficients=coeffs, decoded=decoded,
-            landmarks_photo=alignment.to_photo(lm_crop), mode=mode, landmark_error_px=err, timings=timings,
-            photo_size=(int(image.shape[1]), int(image.shape[0])),
+            face=prepared.face, alignment=prepared.alignment, crop=prepared.crop, coefficients=coeffs, decoded=decoded,
+            landmarks_photo=prepared.alignment.to_photo(lm_crop), mode=estimate.mode, landmark_error_px=err,
+            timings=timings, photo_size=prepared.photo_size,
         )
+
+    def _aggregate(self, per_image: Coefficients, x: np.ndarray, out: dict[str, np.ndarray]
+                   ) -> tuple[Coefficients, str]:
+        """One identity and albedo for the batch: C-Net confidence-weighted, else the plain mean."""
+        if self.cnet is not None:
+            conf = self.cnet.run(x, out["features"])
+            c_id = torch.from_numpy(conf["conf_id"]).to(self.device)
+            c_tex = torch.from_numpy(conf["conf_tex"]).to(self.device)
+            how = "C-Net confidence-weighted mean"
+        else:
+            c_id, c_tex = torch.ones_like(per_image.id), torch.ones_like(per_image.tex)
+            how = "mean"
+        return aggregate_set(per_image, c_id, c_tex), how
+
+    def _fit(self, prepared: Sequence[PreparedFace], init: Coefficients | None, share_identity: bool
+             ) -> FitResult:
+        image = torch.from_numpy(np.stack([p.crop for p in prepared])).permute(0, 3, 1, 2).float().div(255.0)
+        lm = torch.from_numpy(np.stack([p.lm68_crop for p in prepared])).float()
+        skin = skin_attention(torch.from_numpy(np.stack([p.skin for p in prepared]))[:, None].float())
+        target = FitTarget(image=image.to(self.device), landmarks=lm.to(self.device), skin=skin.to(self.device))
+        cfg = self.fit_config
+        if share_identity != cfg.share_identity:
+            cfg = FitConfig(**{**cfg.__dict__, "share_identity": share_identity})
+        return fit(self.decoder, self.renderer, target, init=init, config=cfg)
 
     # -- one photo ---------------------------------------------------------------------------------------------
     def reconstruct(self, image: np.ndarray, *, which: Which = "largest", refine: bool | None = None
                     ) -> list[Reconstruction]:
-        """Reconstruct the largest face (or all faces) of one RGB photo ``(H, W, 3) uint8``.
+        """Reconstruct the best face (or all faces) of one RGB photo ``(H, W, 3) uint8``.
 
         Raises:
             NoFaceFound: no face in the photo.
         """
-        timings: dict[str, float] = {}
-        with _timed(timings, "detect"):
+        t: dict[str, float] = {}
+        with _timed(t, "detect"):
             faces = self.detect(image, which)
-        out = []
-        for face in faces:
-            t = dict(timings)
-            crop, alignment, lm68_crop, skin = self._prepare(image, face, t)
-            target = self._targets([crop], [lm68_crop], [skin])
-            with self._lock:
-                coeffs, mode = self._coefficients(target, refine, t)
-            out.append(self._finish(image, face, alignment, crop, coeffs, mode, lm68_crop, t))
-        return out
-
-    def _coefficients(self, target: FitTarget, refine: bool | None, timings: dict[str, float],
-                      share_identity: bool = False) -> tuple[Coefficients, str]:
-        init = None
-        mode = "fit"
-        if self.rnet is not None:
-            with _timed(timings, "rnet"):
-                vec = torch.from_numpy(self.rnet.run(target.image.cpu().numpy())["coeffs"]).to(self.device)
-                init = Coefficients.from_vector(vec, self.model.layout)
-            mode = "rnet"
-            if refine is None:
-                refine = self.settings.refine
-            if not refine:
-                return init, mode
-            mode = "rnet+fit"
-        cfg = self.fit_config
-        if share_identity != cfg.share_identity:
-            cfg = FitConfig(**{**cfg.__dict__, "share_identity": share_identity})
-        with _timed(timings, "fit"):
-            result = fit(self.decoder, self.renderer, target, init=init, config=cfg)
-        return result.coefficients, mode
+        prepared = [self.prepare(image, f) for f in faces]
+        for p in prepared:
+            p.timings.update(t)
+        est = self.estimate(prepared, refine=refine)
+        return [self.finish(p, est, i) for i, p in enumerate(prepared)]
 
     # -- a set of photos of one person -------------------------------------------------------------------------
     def reconstruct_set(self, images: Sequence[np.ndarray], *, refine: bool | None = None) -> SetReconstruction:
-        """One identity from several photos of one person (largest face of each).
+        """One identity from several photos of one person (the best face of each).
 
         Raises:
-            TooManyImages: more photos than ``settings.max_set_images``.
+            TooManyImages: more photos than ``settings.max_set_images``, or none.
             NoFaceFound: a photo without a face (the message names its position).
         """
         if len(images) > self.settings.max_set_images:
             raise TooManyImages(f"{len(images)} photos in a set; the limit is {self.settings.max_set_images}")
         if not images:
             raise TooManyImages("an image set needs at least one photo")
-        timings: dict[str, float] = {}
         # Process the photos in a canonical order (by content digest), so the result does not depend on the
         # order they were given in (floating-point sums and the optimiser would otherwise drift slightly).
         order = sorted(range(len(images)), key=lambda k: hashlib.sha1(np.ascontiguousarray(images[k])).digest())
-        given = list(images)
-        images = [given[k] for k in order]
-        faces, crops, aligns, lms, skins = [], [], [], [], []
-        for i, image in enumerate(images):
-            with _timed(timings, "detect"):
-                found = select_faces(self.detector.detect(image, "largest"), "largest")
-            if not found:
-                raise NoFaceFound(f"no face found in photo {order[i] + 1} of the set", index=order[i])
-            crop, alignment, lm68_crop, skin = self._prepare(image, found[0], timings)
-            faces.append(found[0])
-            crops.append(crop)
-            aligns.append(alignment)
-            lms.append(lm68_crop)
-            skins.append(skin)
-        target = self._targets(crops, lms, skins)
-        aggregation = "shared-identity fit"
-        with self._lock:
-            if self.rnet is not None:
-                with _timed(timings, "rnet"):
-                    out = self.rnet.run(target.image.cpu().numpy())
-                per_image = Coefficients.from_vector(torch.from_numpy(out["coeffs"]).to(self.device),
-                                                     self.model.layout)
-                if self.cnet is not None:
-                    conf = self.cnet.run(target.image.cpu().numpy(), out["features"])
-                    agg_id, agg_tex = aggregate(per_image.id, per_image.tex,
-                                                torch.from_numpy(conf["conf_id"]).to(self.device),
-                                                torch.from_numpy(conf["conf_tex"]).to(self.device))
-                    aggregation = "C-Net confidence-weighted mean"
-                else:
-                    agg_id, agg_tex = per_image.id.mean(0), per_image.tex.mean(0)
-                    aggregation = "mean"
-                b = per_image.batch_size
-                coeffs = Coefficients(agg_id[None].expand(b, -1), per_image.exp, agg_tex[None].expand(b, -1),
-                                      per_image.angle, per_image.gamma, per_image.trans)
-                mode = "rnet"
-                if refine if refine is not None else self.settings.refine:
-                    with _timed(timings, "fit"):
-                        cfg = FitConfig(**{**self.fit_config.__dict__, "share_identity": True})
-                        coeffs = fit(self.decoder, self.renderer, target, init=coeffs, config=cfg).coefficients
-                    mode, aggregation = "rnet+fit", aggregation + ", then shared-identity fit"
-            else:
-                coeffs, mode = self._coefficients(target, refine, timings, share_identity=True)
-        agg_id = coeffs.id.mean(0, keepdim=True)
-        agg_tex = coeffs.tex.mean(0, keepdim=True)
+        prepared = []
+        for k in order:
+            t: dict[str, float] = {}
+            with _timed(t, "detect"):
+                try:
+                    face = self.detect(images[k], "largest")[0]
+                except NoFaceFound:
+                    raise NoFaceFound(f"no face found in photo {k + 1} of the set", index=k) from None
+            p = self.prepare(images[k], face)
+            p.timings.update(t)
+            prepared.append(p)
+        est = self.estimate(prepared, refine=refine, share_identity=True)
+        coeffs = est.coefficients
         zero = Coefficients.zeros(self.model.layout, 1, self.device)
-        identity = Coefficients(agg_id, zero.exp, agg_tex, zero.angle, zero.gamma, zero.trans)
-        items = []
-        for i, image in enumerate(images):
-            c = Coefficients(agg_id, coeffs.exp[i : i + 1], agg_tex, coeffs.angle[i : i + 1],
-                             coeffs.gamma[i : i + 1], coeffs.trans[i : i + 1])
-            items.append(self._finish(image, faces[i], aligns[i], crops[i], c, mode, lms[i], dict(timings)))
+        identity = Coefficients(coeffs.id.mean(0, keepdim=True), zero.exp, coeffs.tex.mean(0, keepdim=True),
+                                zero.angle, zero.gamma, zero.trans)
+        items = [self.finish(p, est, i) for i, p in enumerate(prepared)]
         back = sorted(range(len(order)), key=lambda k: order[k])  # items in the order the photos were given
-        return SetReconstruction(items=[items[k] for k in back], identity=identity, aggregation=aggregation,
-                                 timings=timings)
+        return SetReconstruction(items=[items[k] for k in back], identity=identity,
+                                 aggregation=est.aggregation or "", timings=dict(est.timings))
 
     # -- outputs -----------------------------------------------------------------------------------------------
     def mesh(self, decoded: DecodedFace, *, colors: Literal["lit", "albedo"] = "lit", uv: bool = True) -> MeshData:
@@ -360,27 +355,48 @@ class Reconstructor:
         )
 
     def export(self, rec: Reconstruction, fmt: MeshFormat) -> bytes:
+        """The mesh with per-vertex colours (and the model's UVs in OBJ) in one file."""
         with _timed(rec.timings, "export"):
             return export_mesh(self.mesh(rec.decoded, uv=fmt == "obj"), fmt)
 
+    def export_files(self, image: np.ndarray, rec: Reconstruction, fmt: MeshFormat,
+                     texture: Literal["none", "photo", "albedo"] = "none", size: int = 1024) -> dict[str, bytes]:
+        """Every mesh output, by one rule for the CLI, the API and batch jobs: ``{file name: bytes}``.
+
+        ``texture="none"``: ``{"mesh.<fmt>"}``, per-vertex colours. ``texture="photo"|"albedo"``: a textured OBJ
+        bundle (``mesh.obj``, ``mesh.mtl``, ``texture.png``) or a GLB with the texture embedded.
+
+        Raises:
+            ExportNotSupported: a texture with ``ply``, or a texture on a face model without UVs (a 422).
+        """
+        if texture == "none":
+            return {f"mesh.{fmt}": self.export(rec, fmt)}
+        if fmt not in ("obj", "glb"):
+            raise ExportNotSupported(f"texture={texture} needs format=obj or glb, not {fmt}", field="texture")
+        if not self.model.has_uvs:
+            raise ExportNotSupported(f"the face model {self.model.name!r} has no UVs: texture={texture} is not "
+                                     "available (use texture=none for per-vertex colours)", field="texture")
+        return self.export_textured(image, rec, fmt, texture, size=size)  # type: ignore[arg-type]
+
     def export_textured(self, image: np.ndarray, rec: Reconstruction, fmt: Literal["obj", "glb"],
-                        kind: Literal["photo", "albedo"] = "photo", size: int = 1024) -> dict[str, bytes]:
+                        kind: TextureKind = "photo", size: int = 1024) -> dict[str, bytes]:
         """A textured mesh: ``{"mesh.obj", "mesh.mtl", "texture.png"}`` for OBJ, ``{"mesh.glb"}`` for GLB.
 
         ``kind="photo"``: the photo's colours sampled into the UV map where visible (mirrored/filled elsewhere);
-        ``"albedo"``: the fitted model's de-lit albedo. Needs a face model with UVs (the default); raises
-        ValueError otherwise (a model without UVs keeps per-vertex colours).
+        ``"albedo"``: the fitted model's de-lit albedo. Needs a face model with UVs (:meth:`export_files` checks).
         """
-        from facerecon.texture import make_texture, textured_glb, textured_obj
+        from facerecon.texture import make_texture
 
         with _timed(rec.timings, "texture"), self._lock:
             tex = make_texture(rec, self.model, image, kind, size=size, camera=self.decoder.camera,
                                renderer=self.renderer)
+        with _timed(rec.timings, "export"):
+            mesh = MeshData(vertices=rec.decoded.vertices_world[0].detach().cpu().numpy().astype(np.float64),
+                            faces=self.model.triangles.cpu().numpy(), uvs=tex.atlas.uvs, uv_faces=tex.atlas.uv_faces)
             if fmt == "obj":
-                return textured_obj(rec, self.model, image, kind, texture=tex, camera=self.decoder.camera,
-                                    renderer=self.renderer)
-            return {"mesh.glb": textured_glb(rec, self.model, image, kind, texture=tex, camera=self.decoder.camera,
-                                             renderer=self.renderer)}
+                return textured_obj(mesh, tex.png())
+            normals = rec.decoded.normals_world[0].detach().cpu().numpy().astype(np.float64)
+            return {"mesh.glb": textured_glb(mesh, normals, tex.image)}
 
     def identity_mesh(self, rec: SetReconstruction) -> MeshData:
         with torch.no_grad():
@@ -394,11 +410,6 @@ class Reconstructor:
                 rec.decoded.colors.clamp(0, 1), rec.alignment.photo_intrinsics(self.decoder.camera),
                 renderer=self.renderer,
             )
-
-    def geometry_view(self, rec: Reconstruction) -> np.ndarray:
-        """A plain grey shaded view of the geometry in the 224 crop camera, ``(224, 224, 3) uint8``."""
-        return shaded_geometry(rec.decoded.vertices_cam, self.model.triangles, rec.decoded.normals_world,
-                               self.decoder.camera.intrinsics, renderer=self.renderer)
 
     def to_json(self, rec: Reconstruction) -> dict[str, Any]:
         """Coefficients by name, landmarks in photo pixels (y down), pose, alignment, timings."""

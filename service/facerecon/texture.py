@@ -1,5 +1,5 @@
-"""Textured exports: a photo texture and an albedo texture in the face model's UV space, and OBJ+MTL+PNG / GLB
-files that carry them.
+"""Textures in the face model's UV space: a photo texture and an albedo texture, and the atlas they live in (the
+files that carry them, OBJ+MTL+PNG and GLB, are written by :mod:`facerecon.export`).
 
 Two textures, both ``(H, W, 3)`` uint8 RGB images, row 0 at the top (as PNG stores them):
 
@@ -53,7 +53,6 @@ from __future__ import annotations
 import io
 import time
 import weakref
-import zipfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -61,17 +60,16 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-import trimesh
 
 from facerecon.decoder import DecodedFace
-from facerecon.export import MeshData, to_obj
+from facerecon.export import TextureKind
 from facerecon.facemodel import FaceModel
 from facerecon.geometry import Camera, Intrinsics
 from facerecon.render import get_renderer
 from facerecon.render.base import Renderer
 
-if TYPE_CHECKING:  # the pipeline may import this module to wire the exports
-    from facerecon.pipeline import Reconstruction
+if TYPE_CHECKING:
+    from facerecon.results import Reconstruction
 
 __all__ = [
     "CONF_FILLED",
@@ -87,24 +85,14 @@ __all__ = [
     "photo_texture",
     "push_pull",
     "sample_texture",
-    "split_seams",
     "supports_texture",
     "texture_atlas",
-    "textured_glb",
-    "textured_obj",
-    "to_zip",
 ]
-
-TextureKind = Literal["photo", "albedo"]
 
 #: Confidence values of :attr:`Texture.confidence`.
 CONF_VISIBLE = 255
 CONF_MIRRORED = 128
 CONF_FILLED = 0
-
-#: Names of the files of a textured OBJ bundle.
-OBJ_NAME, MTL_NAME, PNG_NAME = "mesh.obj", "mesh.mtl", "texture.png"
-MATERIAL_NAME = "face"
 
 #: Atlas layout: the main chart's share of the texture width, and the gutter around every chart (UV units).
 _MAIN_FRACTION = 0.75
@@ -702,131 +690,3 @@ def make_texture(
     if kind == "albedo":
         return albedo_texture(rec, model, size=size, renderer=renderer)
     raise ValueError(f"unknown texture kind {kind!r}; use 'photo' or 'albedo'")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# exports
-
-
-def _mtl(material: str, png_name: str) -> bytes:
-    return (
-        "# facerecon texture material\n"
-        f"newmtl {material}\n"
-        "Ka 1.000000 1.000000 1.000000\n"
-        "Kd 1.000000 1.000000 1.000000\n"
-        "Ks 0.000000 0.000000 0.000000\n"
-        "d 1.0\n"
-        "illum 1\n"
-        f"map_Kd {png_name}\n"
-    ).encode()
-
-
-def textured_obj(
-    rec: Reconstruction,
-    model: FaceModel,
-    photo: np.ndarray | None,
-    kind: TextureKind = "photo",
-    *,
-    texture: Texture | None = None,
-    size: int | tuple[int, int] = 1024,
-    camera: Camera | None = None,
-    renderer: Renderer | None = None,
-    options: PhotoTextureOptions | None = None,
-) -> dict[str, bytes]:
-    """A textured OBJ bundle: ``mesh.obj`` (world-space vertices in dm as :mod:`facerecon.export` writes them, atlas
-    UVs, ``mtllib mesh.mtl`` / ``usemtl face``), ``mesh.mtl`` (``map_Kd texture.png``) and ``texture.png``.
-
-    Args:
-        rec, model, photo, kind, size, camera, renderer, options: see :func:`make_texture`.
-        texture: a texture already made for ``rec`` (then ``photo``/``kind``/``size``... are not used).
-
-    Returns:
-        ``{file name: bytes}``; write the three files side by side, or :func:`to_zip` them.
-
-    Raises:
-        ValueError: the model has no UVs (see :func:`supports_texture`), or see :func:`make_texture`.
-    """
-    _require_uvs(model)
-    tex = texture or make_texture(rec, model, photo, kind, size=size, camera=camera, renderer=renderer,
-                                  options=options)
-    atlas = tex.atlas
-    mesh = MeshData(
-        vertices=_np(rec.decoded.vertices_world),
-        faces=model.triangles.cpu().numpy(),
-        uvs=atlas.uvs,
-        uv_faces=atlas.uv_faces,
-    )
-    return {
-        OBJ_NAME: to_obj(mesh, mtl_name=MTL_NAME, material=MATERIAL_NAME),
-        MTL_NAME: _mtl(MATERIAL_NAME, PNG_NAME),
-        PNG_NAME: tex.png(),
-    }
-
-
-def split_seams(faces: np.ndarray, uv_faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One vertex per distinct (vertex, uv) corner pair, so nothing is merged across UV seams.
-
-    Args:
-        faces: ``(F, 3)`` vertex ids; uv_faces: ``(F, 3)`` UV ids.
-
-    Returns:
-        ``(vertex_of (M,), uv_of (M,), new_faces (F, 3))``: the new vertex m is vertex ``vertex_of[m]`` with UV
-        ``uv_of[m]``.
-    """
-    pairs = np.stack([faces.reshape(-1), uv_faces.reshape(-1)], axis=1).astype(np.int64)
-    uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
-    return uniq[:, 0], uniq[:, 1], inverse.reshape(-1, 3).astype(np.int64)
-
-
-def textured_glb(
-    rec: Reconstruction,
-    model: FaceModel,
-    photo: np.ndarray | None,
-    kind: TextureKind = "photo",
-    *,
-    texture: Texture | None = None,
-    size: int | tuple[int, int] = 1024,
-    camera: Camera | None = None,
-    renderer: Renderer | None = None,
-    options: PhotoTextureOptions | None = None,
-) -> bytes:
-    """Binary glTF 2.0 with the texture embedded (PNG, ``baseColorTexture``, matte PBR material), the mesh split
-    along UV seams (one glTF vertex per distinct (vertex, uv) pair), with the fitted world normals.
-
-    Arguments as :func:`textured_obj`. trimesh writes glTF's top-left UV origin (``v' = 1 - v``).
-
-    Raises:
-        ValueError: the model has no UVs, or see :func:`make_texture`.
-    """
-    _require_uvs(model)
-    tex = texture or make_texture(rec, model, photo, kind, size=size, camera=camera, renderer=renderer,
-                                  options=options)
-    atlas = tex.atlas
-    vertex_of, uv_of, faces = split_seams(model.triangles.cpu().numpy(), atlas.uv_faces)
-    normals = _np(rec.decoded.normals_world)[vertex_of]
-    normals /= np.linalg.norm(normals, axis=1, keepdims=True).clip(1e-12)
-    material = trimesh.visual.material.PBRMaterial(
-        name=MATERIAL_NAME,
-        baseColorTexture=PIL.Image.fromarray(tex.image),
-        baseColorFactor=[255, 255, 255, 255],
-        metallicFactor=0.0,
-        roughnessFactor=1.0,
-    )
-    mesh = trimesh.Trimesh(
-        vertices=_np(rec.decoded.vertices_world)[vertex_of],
-        faces=faces,
-        vertex_normals=normals,
-        visual=trimesh.visual.TextureVisuals(uv=atlas.uvs[uv_of], material=material),
-        process=False,
-    )
-    return trimesh.exchange.gltf.export_glb(mesh, include_normals=True)
-
-
-def to_zip(files: dict[str, bytes]) -> bytes:
-    """A zip archive of ``{name: bytes}`` (deflated; PNGs stored as they are), names in the given order."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in files.items():
-            method = zipfile.ZIP_STORED if name.lower().endswith(".png") else zipfile.ZIP_DEFLATED
-            zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data, compress_type=method)
-    return buf.getvalue()

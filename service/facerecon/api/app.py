@@ -114,6 +114,8 @@ class ReconstructorLike(Protocol):
 
     def export(self, rec: Any, fmt: Any) -> bytes: ...
 
+    def export_files(self, image: np.ndarray, rec: Any, fmt: Any, texture: Any = ...) -> dict[str, bytes]: ...
+
     def overlay(self, image: np.ndarray, rec: Any) -> np.ndarray: ...
 
     def identity_mesh(self, rec: Any) -> Any: ...
@@ -581,16 +583,13 @@ def reconstruct_job(rec: ReconstructorLike, image: np.ndarray, opts: Reconstruct
                 headers["X-Faces-Detected"] = str(len(detect(image, "all")))
                 timings["detect_all"] = (time.perf_counter() - t0) * 1000.0
         recs = rec.reconstruct(image, which="largest", refine=opts.refine)
-        if opts.texture != "none":
-            files = rec.export_textured(image, recs[0], fmt, opts.texture)  # type: ignore[attr-defined]
-            if fmt == "obj":
-                from facerecon.texture import to_zip
+        files = rec.export_files(image, recs[0], fmt, opts.texture)  # type: ignore[arg-type]
+        if len(files) > 1:  # a textured OBJ bundle
+            from facerecon.export import to_zip
 
-                body, media_type, name = to_zip(files), "application/zip", "face.zip"
-            else:
-                body, name = files["mesh.glb"], "face.glb"
+            body, media_type, name = to_zip(files), "application/zip", "face.zip"
         else:
-            body, name = rec.export(recs[0], fmt), f"face.{fmt}"  # type: ignore[arg-type]
+            body, name = next(iter(files.values())), f"face.{fmt}"
         headers["Content-Disposition"] = f'inline; filename="{name}"'
         timings.update(_merge_face_timings(recs))
     elif fmt == "png":

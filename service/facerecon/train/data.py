@@ -1,8 +1,9 @@
 """Training data: real photos through our own preprocessing, and synthetic photos rendered from the face model.
 
 Real photos (:func:`build_real_cache`): image folders -> 68 landmarks (the given ``landmarks_68.csv`` of
-``ytf_68pt`` when present, else our dlib detector) -> the reference 5-point alignment (:func:`facerecon.align.
-align_face`) -> the 224 crop, the 68 landmarks in crop pixels (y up) and the skin probability of the crop
+``ytf_68pt`` when present, else our detector) -> the pipeline's own prepare stage (:func:`facerecon.pipeline.
+prepare_face`: the reference alignment, recentred for turned faces) -> the 224 crop, the 68 landmarks in crop
+pixels (y up) and the skin probability of the crop
 (:data:`facerecon.skin.REFERENCE_GMM` unless another GMM is given). Everything is cached as one uncompressed npz
 (plain arrays, ``allow_pickle=False``) under a cache directory, keyed by the file list and the settings; it is never
 committed.
@@ -37,10 +38,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import Tensor
 
-from facerecon.align import align_face
 from facerecon.coefficients import Coefficients
 from facerecon.decoder import FaceDecoder
-from facerecon.detect import lm68_to_lm5
+from facerecon.detect import DetectedFace, select_faces
+from facerecon.detect.face import make_face
+from facerecon.errors import NoFaceFound
 from facerecon.render.base import Renderer
 from facerecon.skin import REFERENCE_GMM, SkinGMM
 
@@ -145,18 +147,30 @@ class RealSet:
                        [self.paths[i] for i in ix], self.given[ix])
 
 
-def preprocess_photo(image: np.ndarray, lm68_photo: np.ndarray, lm3d5: np.ndarray, gmm: SkinGMM = REFERENCE_GMM
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def preprocess_photo(image: np.ndarray, lm68_photo: np.ndarray | DetectedFace, lm3d5: np.ndarray,
+                     gmm: SkinGMM = REFERENCE_GMM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One photo -> ``(crop (224, 224, 3) uint8, lm68 (68, 2) float32 crop px y up, skin (224, 224) uint8)``.
 
+    The crop is the pipeline's own (:func:`facerecon.pipeline.prepare_face`): what R-Net sees at inference.
+
     Args:
-        image: ``(H, W, 3)`` uint8 RGB; lm68_photo: ``(68, 2)`` photo pixels, y down; lm3d5: the face model's
+        image: ``(H, W, 3)`` uint8 RGB; lm68_photo: ``(68, 2)`` given landmarks (photo pixels, y down), or the
+            detector's face (then its pose recentres a turned face's crop as at inference); lm3d5: the face model's
             5 standard 3D points (:attr:`FaceModel.standard_lm5`).
+
+    Raises:
+        NoFaceFound: the landmarks cannot be aligned.
     """
-    crop, alignment, _ = align_face(image, lm68_to_lm5(lm68_photo.astype(np.float32)), lm3d5)
-    lm = alignment.to_crop(lm68_photo.astype(np.float64)).astype(np.float32)
-    skin = np.round(gmm.probability(crop) * 255.0).astype(np.uint8)
-    return crop, lm, skin
+    from facerecon.pipeline import prepare_face
+
+    if isinstance(lm68_photo, DetectedFace):
+        face = lm68_photo
+    else:
+        lm = np.asarray(lm68_photo, dtype=np.float32)
+        face = make_face((*lm.min(0).tolist(), *lm.max(0).tolist()), 1.0, lm.copy(), backend="given")
+    p = prepare_face(image, face, lm3d5)
+    skin = np.round(gmm.probability(p.crop) * 255.0).astype(np.uint8)
+    return p.crop, p.lm68_crop.astype(np.float32), skin
 
 
 def _cache_key(entries: Sequence[PhotoEntry], gmm: SkinGMM) -> str:
@@ -209,14 +223,14 @@ def build_real_cache(
                 from facerecon.detect import FaceDetector
 
                 detector = FaceDetector()
-            faces = detector.detect(img)
+            faces = select_faces(detector.detect(img, "largest"), "largest")
             if not faces:
                 skipped += 1
                 continue
-            lm = np.asarray(faces[0].lm68, dtype=np.float32)
+            lm = faces[0]
         try:
             crop, lm_crop, skin = preprocess_photo(img, lm, lm3d5, gmm)
-        except ValueError as exc:
+        except (ValueError, NoFaceFound) as exc:
             log.warning("skipping %s: %s", e.path, exc)
             skipped += 1
             continue

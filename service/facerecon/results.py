@@ -1,0 +1,113 @@
+"""What the pipeline's stages hand to each other and return: plain data, no behaviour beyond small views.
+
+``DetectedFace`` (:mod:`facerecon.detect`) -> :class:`PreparedFace` (``Reconstructor.prepare``: the aligned crop
+and its transform) -> :class:`Estimate` (``Reconstructor.estimate``: coefficients for a batch of prepared faces)
+-> :class:`Reconstruction` (``Reconstructor.finish``: decoded, reprojected). A photo set gives a
+:class:`SetReconstruction`. This module imports no stage, so every stage and every exporter can import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from facerecon.align import Alignment
+from facerecon.coefficients import Coefficients
+from facerecon.decoder import DecodedFace
+from facerecon.detect.face import DetectedFace
+
+__all__ = ["MODES", "Estimate", "Mode", "PreparedFace", "Reconstruction", "SetReconstruction"]
+
+#: How coefficients are obtained: R-Net alone, R-Net then test-time fitting, fitting from the mean face.
+Mode = Literal["rnet", "rnet+fit", "fit"]
+MODES: tuple[Mode, ...] = ("rnet", "rnet+fit", "fit")
+
+
+@dataclass
+class PreparedFace:
+    """One detected face aligned to the network's input.
+
+    Attributes:
+        face: the detection (photo px, y down).
+        alignment: the 224-crop transform (reference alignment; recentred for turned faces).
+        crop: ``(224, 224, 3) uint8`` RGB, row 0 at the top.
+        lm68_crop: ``(68, 2) float64`` the detected 68 landmarks in crop px, **y up** (the landmark loss's frame).
+        photo_size: ``(width, height)`` of the photo.
+        timings: stage -> milliseconds so far (detect, align).
+        skin: ``(224, 224) float`` P(skin) of the crop, computed by the estimate stage when a fit needs it.
+    """
+
+    face: DetectedFace
+    alignment: Alignment
+    crop: np.ndarray
+    lm68_crop: np.ndarray
+    photo_size: tuple[int, int]
+    timings: dict[str, float] = field(default_factory=dict)
+    skin: np.ndarray | None = None
+
+
+@dataclass
+class Estimate:
+    """Coefficients for a batch of prepared faces (one row per face, in the order given).
+
+    Attributes:
+        coefficients: batch of ``B``.
+        mode: how they were obtained.
+        aggregation: for a shared identity, how it was aggregated (``None`` otherwise).
+        timings: stage -> milliseconds for the batch (rnet, cnet, skin, fit).
+        fit_landmark_error: when a fit ran, the mean landmark error (crop px) of each face before and after it.
+    """
+
+    coefficients: Coefficients
+    mode: Mode
+    aggregation: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    fit_landmark_error: tuple[list[float], list[float]] | None = None
+
+
+@dataclass
+class Reconstruction:
+    """One reconstructed face.
+
+    Attributes:
+        face: the detection (box, 5 and 68 landmarks in photo pixels, y down, confidences).
+        alignment: the 224-crop transform (:meth:`Alignment.to_photo` maps crop points back).
+        crop: ``(224, 224, 3)`` uint8 RGB aligned crop.
+        coefficients: batch of one.
+        decoded: batch of one.
+        landmarks_photo: ``(68, 2)`` float, the reconstruction's 68 landmarks reprojected into the photo (pixels,
+            y down, integer = pixel centre).
+        mode: ``"rnet"``, ``"rnet+fit"`` or ``"fit"``.
+        landmark_error_px: mean distance (crop px) between the reprojected and the detected 68 landmarks.
+        timings: stage -> milliseconds.
+        photo_size: ``(width, height)``.
+    """
+
+    face: DetectedFace
+    alignment: Alignment
+    crop: np.ndarray
+    coefficients: Coefficients
+    decoded: DecodedFace
+    landmarks_photo: np.ndarray
+    mode: str
+    landmark_error_px: float
+    timings: dict[str, float] = field(default_factory=dict)
+    photo_size: tuple[int, int] = (0, 0)
+
+    def pose_degrees(self) -> dict[str, float]:
+        """``{"pitch", "yaw", "roll"}`` in degrees (``facerecon.geometry``'s convention: positive yaw turns the
+        face towards the image's right)."""
+        pitch, yaw, roll = np.degrees(self.coefficients.angle[0].detach().cpu().numpy()).tolist()
+        return {"pitch": pitch, "yaw": yaw, "roll": roll}
+
+
+@dataclass
+class SetReconstruction:
+    """An image set of one person: one identity/albedo, per-image pose, expression and lighting."""
+
+    items: list[Reconstruction]
+    identity: Coefficients  # batch of one: aggregated id/tex, zero expression, frontal, ambient light
+    aggregation: str
+    timings: dict[str, float] = field(default_factory=dict)
