@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from facerecon.nets.dlib_format import (
+from facerecon.train.dlib_format import (
     AddPrev,
     Affine,
     Con,
@@ -31,7 +31,7 @@ from facerecon.nets.dlib_format import (
     read_network,
     read_network_file,
 )
-from facerecon.nets.face_descriptor import FaceDescriptor, extract_chip, face_chip_transform
+from facerecon.train.face_descriptor import FaceDescriptor, extract_chip, face_chip_transform
 
 HAVE_MODELS = importlib.util.find_spec("face_recognition_models") is not None
 HAVE_DLIB = importlib.util.find_spec("dlib") is not None

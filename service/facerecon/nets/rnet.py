@@ -19,12 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facerecon.coefficients import CoefficientLayout, Coefficients
+from facerecon.nets.cards import INPUT_SIZE
 from facerecon.nets.resnet import build_backbone
 
 __all__ = ["INPUT_SIZE", "ReconNet", "check_image", "head_sizes"]
 
-#: Side of the square network input, pixels.
-INPUT_SIZE = 224
 
 
 def head_sizes(layout: CoefficientLayout) -> tuple[int, ...]:

@@ -29,15 +29,15 @@ from pydantic import ValidationError
 
 from facerecon.coefficients import CoefficientLayout
 from facerecon.errors import ModelFileError
-from facerecon.nets.onnx_io import (
+from facerecon.nets.cards import (
     CARD_METADATA_KEY,
+    INPUT_SIZE,
     NetworkCard,
     card_summary,
     face_model_layout,
     face_model_ref,
     read_network_card,
 )
-from facerecon.nets.rnet import INPUT_SIZE
 from facerecon.nets.session import CUDA, make_session, select_providers
 
 __all__ = ["OnnxNet", "check_pair", "select_providers"]

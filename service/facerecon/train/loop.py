@@ -4,7 +4,7 @@ R-Net (:func:`train_rnet`): each batch mixes synthetic photos rendered from the 
 a coefficient-supervision term + the landmark loss) and real photos (landmark loss with the reference weights and
 the coefficient / gamma regularisers on all of them; for ``photo_per_batch`` of them also the skin-attention
 photometric loss through the differentiable renderer, the albedo-flatness loss, and the perceptual loss with the
-:class:`~facerecon.nets.face_descriptor.FaceDescriptor` on the photo vs the render, black outside its mask). Weights
+:class:`~facerecon.train.face_descriptor.FaceDescriptor` on the photo vs the render, black outside its mask). Weights
 are :class:`facerecon.losses.LossWeights` (the reference's). The reference PT augmentation (shift/scale/rotation/
 flip with 68-point mirror re-indexing) is applied to real photos.
 
@@ -424,7 +424,7 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
     descriptor = None
     use_photo = rd.train is not None and cfg.photo_per_batch > 0 and not cfg.synthetic_only
     if use_photo and cfg.perceptual:
-        from facerecon.nets.face_descriptor import FaceDescriptor
+        from facerecon.train.face_descriptor import FaceDescriptor
 
         descriptor = FaceDescriptor(cache=True, input_scale=1.0).to(device)
     w = losses.LossWeights()
@@ -618,7 +618,7 @@ def train_cnet(cfg: CNetConfig, resume: bool = False) -> Path:
         step = int(state["step"])
     descriptor = None
     if cfg.perceptual:
-        from facerecon.nets.face_descriptor import FaceDescriptor
+        from facerecon.train.face_descriptor import FaceDescriptor
 
         descriptor = FaceDescriptor(cache=True, input_scale=1.0).to(device)
     path = out / "cnet_losses.csv"

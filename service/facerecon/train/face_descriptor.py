@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facerecon.errors import ModelFileError
-from facerecon.nets.dlib_format import (
+from facerecon.train.dlib_format import (
     AddPrev,
     Affine,
     Con,

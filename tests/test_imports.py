@@ -1,0 +1,36 @@
+"""The import graph: the serving path (the HTTP app, the pipeline, the CLI) loads no training or build-time code,
+and no module imports another that imports it back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+SERVING = ("facerecon.api.app", "facerecon.pipeline", "facerecon.cli")
+#: Never on the serving path: the onnx package (export only), training, build-time ports, dlib, the TFLite parser.
+FORBIDDEN = ("onnx", "facerecon.train", "facerecon.nets.onnx_io", "facerecon.nets.checkpoint", "dlib", "tflite",
+             "ai_edge_litert", "facerecon.detect.tflite_onnx", "facerecon.detect.build", "facerecon.detect.dlib_hog")
+
+
+def _loaded_after(*modules: str) -> list[str]:
+    code = ("import json, sys\n" + "".join(f"import {m}\n" for m in modules)
+            + "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(out.stdout)
+
+
+def test_serving_imports_no_training_or_build_code() -> None:
+    loaded = _loaded_after(*SERVING)
+    bad = sorted(m for m in loaded for f in FORBIDDEN if m == f or m.startswith(f + "."))
+    assert not bad, f"the serving path imports {bad}"
+    assert "onnxruntime" in loaded and "facerecon.detect.detector" in loaded  # the check itself sees imports
+
+
+def test_no_import_cycle_between_the_pipeline_and_its_stages() -> None:
+    """Each stage module imports on its own, in a fresh interpreter, without the pipeline being loaded first (a
+    cycle shows up as the pipeline being pulled in, or as an ImportError)."""
+    for module in ("facerecon.texture", "facerecon.export", "facerecon.results", "facerecon.detect",
+                   "facerecon.align", "facerecon.fit", "facerecon.render.overlay"):
+        loaded = _loaded_after(module)
+        assert "facerecon.pipeline" not in loaded, f"{module} pulls in the pipeline"
