@@ -15,7 +15,6 @@ from facerecon.align import (
     CROP_SIZE,
     Alignment,
     align_face,
-    align_like,
     fit_alignment,
     pos,
     resize_and_crop,
@@ -340,22 +339,6 @@ def test_photo_intrinsics_reject_other_crop_size() -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # second arrays, API details, bad input
-
-
-def test_align_like_matches_the_image_crop(lm3d5: np.ndarray) -> None:
-    rng = np.random.default_rng(4)
-    img = rng.integers(0, 256, (181, 157, 3), dtype=np.uint8)
-    lm = np.array([[60, 80], [100, 80], [80, 100], [65, 125], [95, 125]], dtype=np.float32)
-    crop, a, _ = align_face(img, lm, lm3d5)
-    assert np.array_equal(align_like(img, a), crop)
-    assert np.array_equal(align_like(img[:, :, 0], a), crop[:, :, 0])  # one uint8 channel = L mode
-    mask = rng.random((181, 157, 2)).astype(np.float64)
-    out = align_like(mask, a)
-    assert out.shape == (224, 224, 2) and out.dtype == np.float32
-    single = np.asarray(resize_and_crop(Image.fromarray(mask[:, :, 1].astype(np.float32), mode="F"), a))
-    assert np.array_equal(out[:, :, 1], single)
-    with pytest.raises(ValueError):
-        align_like(mask[:100], a)
 
 
 def test_from_params_round_trip() -> None:

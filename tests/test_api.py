@@ -537,37 +537,6 @@ def test_graceful_shutdown_finishes_in_flight_requests() -> None:
             httpx.get(f"{srv.url}/healthz", timeout=2)
 
 
-# -- the micro-batcher (on GPU machines), exercised on the CPU ---------------------------------------------------------
-def test_micro_batcher_groups_same_key_jobs() -> None:
-    groups: list[list[str]] = []
-
-    def run_batch(jobs: Any) -> None:
-        groups.append([job.batch_key or "-" for job in jobs])
-        for job in jobs:
-            try:
-                job.complete(job.fn())
-            except Exception as exc:
-                job.complete(error=exc)
-
-    async def scenario() -> list[Any]:
-        pool = InferencePool(1, 16, batching=True, max_batch=3, max_wait_ms=50, run_batch=run_batch)
-        gate = threading.Event()
-        try:
-            first = asyncio.ensure_future(pool.run(lambda: gate.wait(10), batch_key="other"))
-            await asyncio.sleep(0.05)  # the worker now holds `first`
-            tasks = [asyncio.ensure_future(pool.run(lambda i=i: i, batch_key="r")) for i in range(4)]
-            tasks.append(asyncio.ensure_future(pool.run(lambda: "solo")))
-            await asyncio.sleep(0.05)
-            gate.set()
-            return [r.value for r in await asyncio.gather(first, *tasks)]
-        finally:
-            pool.close(5)
-
-    values = asyncio.run(scenario())
-    assert values == [True, 0, 1, 2, 3, "solo"]
-    assert groups == [["other"], ["r", "r", "r"], ["r"], ["-"]]
-
-
 def test_pool_rejects_when_full_and_skips_timed_out_jobs() -> None:
     from facerecon.api.errors import Overloaded, RequestTimedOut
 

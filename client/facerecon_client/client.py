@@ -206,9 +206,6 @@ class _Core:
     def health(self) -> _Call[bool]:
         return _Call("GET", "/healthz", lambda r: self.check(r).status_code == 200)
 
-    def ready(self) -> _Call[bool]:
-        return _Call("GET", "/readyz", lambda r: r.status_code == 200)
-
     # -- parsers -------------------------------------------------------------------------------------------------
     def _json(self, model: type[T]) -> Callable[[httpx.Response], T]:
         def parse(response: httpx.Response) -> T:

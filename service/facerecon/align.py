@@ -53,7 +53,6 @@ __all__ = [
     "RESCALE_FACTOR",
     "Alignment",
     "align_face",
-    "align_like",
     "fit_alignment",
     "pos",
     "resize_and_crop",
@@ -409,36 +408,6 @@ def align_face(
     lm = np.asarray(lm5_photo, dtype=np.float32)
     lm_crop = alignment._yup_to_crop(lm[:, 0], np.float32(h0 - 1) - lm[:, 1])
     return crop, alignment, lm_crop
-
-
-def align_like(array: np.ndarray, alignment: Alignment) -> np.ndarray:
-    """Apply an alignment's resize (BICUBIC) and crop to a second photo-sized array, e.g. a skin mask.
-
-    Args:
-        array: ``(h0, w0)`` or ``(h0, w0, C)``, uint8 or float (float is resampled in float32, per channel).
-
-    Returns:
-        ``(224, 224)`` or ``(224, 224, C)`` in the input dtype (float32 for float input), zero outside the photo.
-    """
-    arr = np.asarray(array)
-    if arr.shape[:2] != (alignment.h0, alignment.w0):
-        raise ValueError(f"array is {arr.shape[:2]}, the alignment expects {(alignment.h0, alignment.w0)}")
-    if arr.dtype == np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
-        return np.asarray(resize_and_crop(Image.fromarray(arr), alignment))
-    if arr.ndim == 2:
-        return _align_channel(arr, alignment)
-    if arr.ndim != 3:
-        raise ValueError(f"array must be (H, W) or (H, W, C), got {arr.shape}")
-    return np.stack([_align_channel(arr[:, :, c], alignment) for c in range(arr.shape[2])], axis=2)
-
-
-def _align_channel(channel: np.ndarray, alignment: Alignment) -> np.ndarray:
-    if channel.dtype == np.uint8:
-        return np.asarray(resize_and_crop(Image.fromarray(channel), alignment))
-    if not np.issubdtype(channel.dtype, np.floating) and not np.issubdtype(channel.dtype, np.integer):
-        raise ValueError(f"unsupported dtype {channel.dtype}")
-    f = Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32), mode="F")
-    return np.asarray(resize_and_crop(f, alignment), dtype=np.float32)
 
 
 def _source_rows(h0: int, h: int, r0: int, r1: int) -> tuple[int, int]:

@@ -39,8 +39,6 @@ class Settings(BaseSettings):
     port: int = 8000
     workers: int = Field(1, gt=0, description="inference worker threads")
     queue_size: int = Field(16, ge=0, description="requests waiting beyond the workers before 503")
-    max_batch: int = Field(8, gt=0, description="micro-batch size on GPU")
-    max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill, ms")
     log_level: str = "INFO"
     # HTTP service (facerecon.api).
     request_timeout_s: float = Field(

@@ -132,11 +132,10 @@ ReconstructorSource = ReconstructorLike | Callable[[], ReconstructorLike]
 class ServiceState:
     """Everything one app instance owns: settings, metrics, pool, the reconstructor once loaded, readiness."""
 
-    def __init__(self, settings: Settings, source: ReconstructorSource | None, *, batching: bool) -> None:
+    def __init__(self, settings: Settings, source: ReconstructorSource | None) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self._source = source
-        self.batching = batching
         self.pool: InferencePool | None = None
         self.reconstructor: ReconstructorLike | None = None
         self.ready = False
@@ -153,14 +152,10 @@ class ServiceState:
     # lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> None:
         s = self.settings
-        self.pool = InferencePool(
-            s.workers, s.queue_size, batching=self.batching, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
-            on_batch=self.metrics.batch_size.observe,
-        )
+        self.pool = InferencePool(s.workers, s.queue_size)
         pool = self.pool
         self.metrics.bind_pool(lambda: float(pool.waiting), lambda: float(pool.running))
-        log.info("inference pool: %d worker(s), queue %d, micro-batching %s", s.workers, s.queue_size,
-                 f"on (max {s.max_batch}, {s.max_wait_ms} ms)" if pool.batching else "off")
+        log.info("inference pool: %d worker(s), queue %d", s.workers, s.queue_size)
         self._loader = threading.Thread(target=self._load, name="facerecon-load", daemon=True)
         self._loader.start()
 
@@ -221,8 +216,7 @@ class ServiceState:
         return ServiceLimits(
             max_upload_bytes=s.max_upload_bytes, max_image_pixels=s.max_image_pixels,
             max_set_images=s.max_set_images, workers=s.workers, queue_size=s.queue_size,
-            micro_batching=self.pool.batching if self.pool else False, max_batch=s.max_batch,
-            max_wait_ms=s.max_wait_ms, request_timeout_s=s.request_timeout_s,
+            request_timeout_s=s.request_timeout_s,
         )
 
 
@@ -785,7 +779,7 @@ def build_router(settings: Settings) -> APIRouter:
         submitted = time.perf_counter()
         result = await state.pool.run(  # type: ignore[union-attr]
             lambda: reconstruct_job(rec, image, opts, fmt, timings, submitted, state.expression_names),
-            batch_key="reconstruct", timeout=max(0.001, deadline - time.perf_counter()),
+            timeout=max(0.001, deadline - time.perf_counter()),
         )
         return _respond(state, result.value, t_start)
 
@@ -880,13 +874,7 @@ def create_app(settings: Settings | None = None, reconstructor: ReconstructorSou
             warm-up is done). Default: ``Reconstructor(settings)``.
     """
     settings = settings or get_settings()
-    try:
-        import torch
-
-        batching = bool(torch.cuda.is_available()) and settings.max_batch > 1
-    except ImportError:  # pragma: no cover - torch is a hard dependency of the engine
-        batching = False
-    state = ServiceState(settings, reconstructor, batching=batching)
+    state = ServiceState(settings, reconstructor)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -14,7 +14,6 @@ Exposed at ``GET /metrics`` (text format 0.0.4):
                                                            ``export``, ``render``), ``encode`` (response body)
 ``facerecon_inference_queue_depth``             gauge      jobs waiting for a worker
 ``facerecon_inference_active``                  gauge      jobs a worker is running
-``facerecon_inference_batch_size``              histogram  jobs per worker call (> 1 only with micro-batching)
 ``facerecon_ready``                             gauge      1 once models are loaded and warmed up
 ``facerecon_model_info``                        info       face model, device, renderer, mode, version
 ==============================================  =========  ===================================================
@@ -66,10 +65,6 @@ class Metrics:
         )
         self.queue_depth = Gauge("facerecon_inference_queue_depth", "Inference jobs waiting for a worker", registry=r)
         self.inference_active = Gauge("facerecon_inference_active", "Inference jobs running", registry=r)
-        self.batch_size = Histogram(
-            "facerecon_inference_batch_size", "Jobs per worker call (micro-batching)",
-            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
-        )
         self.ready = Gauge("facerecon_ready", "1 when the models are loaded and warmed up", registry=r)
         self.model_info = Info("facerecon_model", "The served face model and backends", registry=r)
 

@@ -285,9 +285,6 @@ class ServiceLimits(BaseModel):
     max_set_images: int
     workers: int
     queue_size: int
-    micro_batching: bool
-    max_batch: int
-    max_wait_ms: float
     request_timeout_s: float
 
 

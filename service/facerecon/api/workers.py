@@ -1,4 +1,4 @@
-"""The bounded inference pool: N worker threads, a bounded wait queue, and an optional GPU micro-batcher.
+"""The bounded inference pool: N worker threads and a bounded wait queue.
 
 Why threads: the engine is torch/numba/onnxruntime code that releases the GIL in its heavy parts, and the
 :class:`~facerecon.pipeline.Reconstructor` is thread-safe; a process pool would load the models N times.
@@ -14,12 +14,6 @@ Contract:
 * Timeouts: ``run(..., timeout=)`` raises :class:`~facerecon.api.errors.RequestTimedOut`. A job still waiting is
   then removed from the queue (its slot freed at once); a job already running cannot be interrupted (torch has no
   cancellation): it finishes, still counts against capacity while it runs, and its result is dropped.
-* Micro-batching (``batching=True``, the app turns it on when ``torch.cuda.is_available()``): a worker that takes a
-  job with a ``batch_key`` keeps taking queued jobs with the same key, up to ``max_batch``, waiting at most
-  ``max_wait_ms`` for them to arrive, and runs the group in one worker call through ``run_batch`` (default: the
-  jobs one after another, each completing its own future). The pipeline is per-image today, so the gain is
-  keeping one worker on the GPU back to back; when the pipeline grows a batched call, only ``run_batch`` changes.
-  A job with another key at the head of the queue ends the gathering (no reordering, no starvation).
 * :meth:`InferencePool.close` stops admission, lets accepted jobs finish (up to a timeout) and joins the threads.
 """
 
@@ -31,7 +25,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -51,8 +45,6 @@ class Job:
     fn: Callable[[], Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
-    batch_key: str | None = None
-    batch_size: int = 1
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
     finished: float = 0.0
@@ -80,18 +72,6 @@ class JobResult(Generic[T]):
     value: T
     queued_ms: float
     run_ms: float
-    batch_size: int
-
-
-def run_sequentially(jobs: Sequence[Job]) -> None:
-    """The default batch runner: each job in turn, each completing its own future with its value or error."""
-    for job in jobs:
-        try:
-            value = job.fn()
-        except Exception as exc:  # delivered to the awaiting request, mapped there
-            job.complete(error=exc)
-        else:
-            job.complete(value)
 
 
 class InferencePool:
@@ -100,11 +80,6 @@ class InferencePool:
     Args:
         workers: worker threads (``settings.workers``).
         queue_size: jobs that may wait beyond the running ones (``settings.queue_size``); 0 = no waiting.
-        batching: group same-key jobs into one worker call (GPU).
-        max_batch: most jobs in one group.
-        max_wait_ms: how long a worker waits for a group to fill.
-        run_batch: runs one group in the worker thread and completes every job's future.
-        on_batch: called with each group's size (metrics).
     """
 
     def __init__(
@@ -112,11 +87,6 @@ class InferencePool:
         workers: int,
         queue_size: int,
         *,
-        batching: bool = False,
-        max_batch: int = 1,
-        max_wait_ms: float = 0.0,
-        run_batch: Callable[[Sequence[Job]], None] = run_sequentially,
-        on_batch: Callable[[int], None] | None = None,
         name: str = "facerecon-infer",
     ) -> None:
         if workers < 1:
@@ -125,11 +95,6 @@ class InferencePool:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
         self.workers = workers
         self.queue_size = queue_size
-        self.batching = batching and max_batch > 1
-        self.max_batch = max(1, max_batch)
-        self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
-        self._run_batch = run_batch
-        self._on_batch = on_batch
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._accepted = 0  # jobs admitted and not finished (waiting + running)
@@ -163,7 +128,7 @@ class InferencePool:
         return min(60.0, max(1.0, self._mean_run_s * max(1, backlog) / self.workers))
 
     # -- submission ----------------------------------------------------------------------------------------------
-    def submit(self, fn: Callable[[], T], *, batch_key: str | None = None) -> Job:
+    def submit(self, fn: Callable[[], T]) -> Job:
         """Admit ``fn`` or raise :class:`Overloaded` at once; call from the event loop's thread."""
         loop = asyncio.get_running_loop()
         with self._cond:
@@ -174,13 +139,13 @@ class InferencePool:
                     f"all {self.workers} inference workers are busy and {self.queue_size} requests are waiting",
                     retry_after=self.retry_after_s(), workers=self.workers, queue_size=self.queue_size,
                 )
-            job = Job(fn=fn, future=loop.create_future(), loop=loop, batch_key=batch_key)
+            job = Job(fn=fn, future=loop.create_future(), loop=loop)
             self._accepted += 1
             self._queue.append(job)
             self._cond.notify()
         return job
 
-    async def run(self, fn: Callable[[], T], *, batch_key: str | None = None, timeout: float | None = None
+    async def run(self, fn: Callable[[], T], *, timeout: float | None = None
                   ) -> JobResult[T]:
         """Run ``fn`` on a worker and await its value without blocking the loop.
 
@@ -189,7 +154,7 @@ class InferencePool:
             RequestTimedOut: ``timeout`` seconds passed first (a queued job is skipped, a running one finishes).
             whatever ``fn`` raised.
         """
-        job = self.submit(fn, batch_key=batch_key)
+        job = self.submit(fn)
         try:
             value = await asyncio.wait_for(asyncio.shield(job.future), timeout)
         except TimeoutError:
@@ -206,7 +171,6 @@ class InferencePool:
             value=value,
             queued_ms=(job.started - job.enqueued) * 1000.0,
             run_ms=(job.finished - job.started) * 1000.0,
-            batch_size=job.batch_size,
         )
 
     def _abandon(self, job: Job) -> None:
@@ -220,65 +184,38 @@ class InferencePool:
             self._accepted -= 1
 
     # -- workers -------------------------------------------------------------------------------------------------
-    def _take(self) -> list[Job] | None:
-        """Block for the next group of jobs (one, or a micro-batch); ``None`` when closed and drained."""
+    def _take(self) -> Job | None:
+        """Block for the next job; ``None`` when closed and drained."""
         with self._cond:
             while True:
                 while not self._queue and not self._closed:
                     self._cond.wait()
                 if not self._queue:
                     return None
-                first = self._queue.popleft()
-                if first.future.cancelled():  # timed out while waiting: skip it
+                job = self._queue.popleft()
+                if job.future.cancelled():  # timed out while waiting: skip it
                     self._accepted -= 1
                     continue
-                break
-            group = [first]
-            if self.batching and first.batch_key is not None:
-                deadline = time.perf_counter() + self.max_wait_s
-                while len(group) < self.max_batch:
-                    if self._queue:
-                        head = self._queue[0]
-                        if head.batch_key != first.batch_key:
-                            break
-                        self._queue.popleft()
-                        if head.future.cancelled():
-                            self._accepted -= 1
-                        else:
-                            group.append(head)
-                        continue
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0 or self._closed:
-                        break
-                    self._cond.wait(remaining)
-            self._running += len(group)
-            return group
+                self._running += 1
+                return job
 
     def _worker(self) -> None:
         while True:
-            group = self._take()
-            if group is None:
+            job = self._take()
+            if job is None:
                 return
-            now = time.perf_counter()
-            for job in group:
-                job.started = now
-                job.batch_size = len(group)
-            if self._on_batch is not None:
-                try:
-                    self._on_batch(len(group))
-                except Exception:
-                    log.exception("batch observer failed")
+            job.started = time.perf_counter()
             try:
-                self._run_batch(group)
-            except BaseException as exc:  # a broken runner must not kill the worker or strand the requests
-                log.exception("batch runner failed")
-                for job in group:
-                    job.complete(error=exc)
+                value = job.fn()
+            except BaseException as exc:  # delivered to the awaiting request, mapped there; the worker lives on
+                job.complete(error=exc)
+            else:
+                job.complete(value)
             finally:
-                elapsed = (time.perf_counter() - now) / len(group)
+                elapsed = time.perf_counter() - job.started
                 with self._cond:
-                    self._running -= len(group)
-                    self._accepted -= len(group)
+                    self._running -= 1
+                    self._accepted -= 1
                     self._mean_run_s = 0.8 * self._mean_run_s + 0.2 * elapsed
 
     # -- shutdown ------------------------------------------------------------------------------------------------

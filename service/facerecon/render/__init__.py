@@ -25,9 +25,7 @@ import logging
 import threading
 
 import torch
-from torch import Tensor
 
-from facerecon.geometry import Intrinsics
 from facerecon.render.base import DEFAULT_ZFAR, DEFAULT_ZNEAR, Raster, Renderer, RenderOutput
 from facerecon.render.cpu import CpuRenderer
 from facerecon.render.nvdiffrast_backend import nvdiffrast_status
@@ -40,11 +38,7 @@ __all__ = [
     "Raster",
     "RenderOutput",
     "Renderer",
-    "available_backends",
     "get_renderer",
-    "interpolate",
-    "rasterize",
-    "render",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,11 +48,6 @@ BACKENDS = ("cpu", "nvdiffrast")
 
 _lock = threading.Lock()
 _renderers: dict[str, Renderer] = {}
-
-
-def available_backends() -> list[str]:
-    """The backends usable on this machine, ``"cpu"`` always first."""
-    return ["cpu", "nvdiffrast"] if nvdiffrast_status()[0] else ["cpu"]
 
 
 def get_renderer(name: str = "auto", device: torch.device | str | None = None) -> Renderer:
@@ -102,48 +91,3 @@ def get_renderer(name: str = "auto", device: torch.device | str | None = None) -
             _renderers[cache_key] = renderer
             logger.info("renderer: %s", cache_key)
     return renderer
-
-
-def rasterize(
-    vertices_cam: Tensor,
-    triangles: Tensor,
-    intrinsics: Intrinsics,
-    *,
-    znear: float = DEFAULT_ZNEAR,
-    zfar: float = DEFAULT_ZFAR,
-) -> Raster:
-    """:meth:`Renderer.rasterize` with the renderer for the vertices' device (``get_renderer("auto", device)``)."""
-    renderer = get_renderer("auto", vertices_cam.device)
-    return renderer.rasterize(vertices_cam, triangles, intrinsics, znear=znear, zfar=zfar)
-
-
-def interpolate(attributes: Tensor, raster: Raster, triangles: Tensor) -> Tensor:
-    """:meth:`Renderer.interpolate` with the renderer that made ``raster``."""
-    return get_renderer(raster.backend, raster.triangle_id.device).interpolate(attributes, raster, triangles)
-
-
-def render(
-    vertices_cam: Tensor,
-    triangles: Tensor,
-    colors: Tensor,
-    intrinsics: Intrinsics,
-    *,
-    znear: float = DEFAULT_ZNEAR,
-    zfar: float = DEFAULT_ZFAR,
-    antialias: bool = False,
-) -> RenderOutput:
-    """:meth:`Renderer.render` with the renderer for the vertices' device.
-
-    Args:
-        vertices_cam: ``(B, N, 3)`` float32 camera-space ``(x, y, d)``, decimetres.
-        triangles: ``(F, 3)`` int64.
-        colors: ``(B, N, C)`` or ``(1, N, C)`` float (RGB [0, 1] in the pipeline; passed through unclamped).
-        intrinsics: output size and projection.
-        znear, zfar: clip depths, decimetres.
-        antialias: nvdiffrast only (see :meth:`Renderer.render`).
-
-    Returns:
-        ``(image (B, C, H, W), mask (B, 1, H, W), depth (B, 1, H, W))`` as a :class:`RenderOutput`.
-    """
-    renderer = get_renderer("auto", vertices_cam.device)
-    return renderer.render(vertices_cam, triangles, colors, intrinsics, znear=znear, zfar=zfar, antialias=antialias)
