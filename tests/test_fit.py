@@ -101,3 +101,27 @@ def test_fit_set_shares_identity(ict_model, ict_decoder, synthetic) -> None:
     assert torch.equal(shared.coefficients.id[0], shared.coefficients.id[1])
     assert (apart.coefficients.id[0] - apart.coefficients.id[1]).abs().max() > 1e-3
     assert shared.landmark_error_end[0] < shared.landmark_error_start[0]
+
+
+def test_one_objective_with_a_named_region(ict_model, ict_decoder, synthetic) -> None:
+    """The hybrid loss is assembled in one place (facerecon.objective); fitting and training differ only by the
+    named photometric region, and each region is what its name says."""
+    from facerecon.objective import hybrid_terms, landmark_terms
+
+    renderer, truth, _face, target = synthetic
+    skin = torch.ones_like(target.image[:, :1])
+    fm = hybrid_terms(ict_decoder, renderer, truth, target.image, skin, target.landmarks, region="face_mask")
+    fr = hybrid_terms(ict_decoder, renderer, truth, target.image, skin, target.landmarks, region="front")
+    # the true coefficients reproduce the synthetic render inside either region
+    assert fm.photo.item() < 0.01 and fr.photo.item() < 0.01
+    # the regions differ: the front triangles cover pixels the face_mask region does not (and vice versa)
+    assert fm.mask is not None and fr.mask is not None and (fm.mask != fr.mask).sum() > 100
+    w = losses.LossWeights()
+    parts = (w.photo * fm.photo + w.landmark * fm.landmark + w.coef * fm.coef + w.reflectance * fm.reflectance
+             + w.gamma * fm.gamma)
+    torch.testing.assert_close(fm.total(w), parts)
+    lm_only = landmark_terms(ict_decoder, truth, target.landmarks)
+    torch.testing.assert_close(lm_only.landmark, fm.landmark)
+    torch.testing.assert_close(lm_only.coef, fm.coef)
+    with pytest.raises(ValueError, match="region"):
+        hybrid_terms(ict_decoder, renderer, truth, target.image, skin, target.landmarks, region="everything")

@@ -19,6 +19,7 @@ from torch import Tensor
 from facerecon import losses
 from facerecon.coefficients import Coefficients
 from facerecon.decoder import FaceDecoder
+from facerecon.objective import hybrid_terms, landmark_terms
 from facerecon.render.base import Renderer
 
 log = logging.getLogger(__name__)
@@ -123,14 +124,12 @@ def fit(
         {"params": [params.id, params.exp], "lr": cfg.lr_shape},
     ])
     for _ in range(cfg.landmark_steps):
-        c = params.coefficients()
-        lm_loss = losses.landmark_loss(decoder.landmarks(c), target.landmarks, lm_w)
-        reg = losses.coefficient_loss(c.id, c.exp, c.tex, w)
-        loss = w.landmark * lm_loss + w.coef * reg
+        t = landmark_terms(decoder, params.coefficients(), target.landmarks, lm_w, w)
+        loss = t.total(w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append({"stage": 1.0, "loss": loss.item(), "landmark": lm_loss.item()})
+        history.append({"stage": 1.0, "loss": loss.item(), "landmark": t.landmark.item()})
 
     # Stage 2: photometric through the renderer, everything free.
     if renderer is not None and cfg.photo_steps > 0:
@@ -140,26 +139,15 @@ def fit(
             {"params": [params.gamma], "lr": cfg.lr_light},
         ])
         skin = target.skin if target.skin is not None else torch.ones_like(target.image[:, :1])
-        tris = decoder.model.triangles
-        region = decoder.model.face_mask.to(target.image.dtype)[None, :, None]  # (1, N, 1)
         for step in range(cfg.photo_steps):
-            c = params.coefficients()
-            face = decoder(c)
-            # Loss region: the model's photometric face region, visible (reference: the front-region render).
-            raster = renderer.rasterize(face.vertices_cam, tris, decoder.camera.intrinsics)
-            image = renderer.interpolate(face.colors, raster, tris).permute(0, 3, 1, 2)
-            with torch.no_grad():
-                mask = (renderer.interpolate(region, raster, tris) > 0.5).permute(0, 3, 1, 2).to(image.dtype)
-            photo = losses.photometric_loss(image * mask, target.image, skin * mask)
-            lm_loss = losses.landmark_loss(face.landmarks_2d, target.landmarks, lm_w)
-            reg = losses.coefficient_loss(c.id, c.exp, c.tex, w)
-            refl = losses.reflectance_loss(face.albedo, decoder.model.skin_mask)
-            gam = losses.gamma_loss(c.gamma)
-            loss = w.photo * photo + w.landmark * lm_loss + w.coef * reg + w.reflectance * refl + w.gamma * gam
+            # the photometric region: the model's face region where it is visible in the photo
+            t = hybrid_terms(decoder, renderer, params.coefficients(), target.image, skin, target.landmarks,
+                             region="face_mask", lm_weights=lm_w, w=w)
+            loss = t.total(w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            history.append({"stage": 2.0, "loss": loss.item(), "photo": photo.item(), "landmark": lm_loss.item(),
+            history.append({"stage": 2.0, "loss": loss.item(), "photo": t.photo.item(), "landmark": t.landmark.item(),
                             "step": float(step)})
 
     final = params.coefficients().detach()

@@ -33,7 +33,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -44,6 +43,7 @@ from facerecon.facemodel import FaceModel
 from facerecon.facemodel.registry import resolve
 from facerecon.nets.cnet import ConfidenceNet, aggregate_set
 from facerecon.nets.rnet import ReconNet
+from facerecon.objective import hybrid_terms
 from facerecon.render import get_renderer
 from facerecon.render.base import Renderer
 from facerecon.skin import skin_attention
@@ -146,65 +146,6 @@ def supervision_loss(pred: Coefficients, true: Coefficients) -> Tensor:
     """Mean over the six groups of ``mean((pred - true)^2) / scale^2`` (:data:`SUPERVISION_SCALES`)."""
     terms = [((getattr(pred, k) - getattr(true, k)) ** 2).mean() / s**2 for k, s in SUPERVISION_SCALES.items()]
     return torch.stack(terms).mean()
-
-
-def crop_to_pixels(lm: Tensor, size: int) -> Tensor:
-    """Crop landmarks ``(B, 68, 2)`` (u, v_up at 224, integer = pixel centre) -> pixel ``(x, y)`` y down in an image
-    of ``size`` px covering the same crop (``size / 224`` scale; pixel centres kept consistent)."""
-    f = size / D.CROP
-    x = (lm[..., 0] + 0.5) * f - 0.5
-    y = ((D.CROP - 1) - lm[..., 1] + 0.5) * f - 0.5
-    return torch.stack([x, y], dim=-1)
-
-
-@dataclass
-class PhotoTerms:
-    photo: Tensor
-    perceptual: Tensor
-    reflectance: Tensor
-    render: Tensor  # (B, 3, R, R) render, black outside the face region
-    mask: Tensor  # (B, 1, R, R)
-
-
-def photo_terms(
-    decoder: FaceDecoder,
-    renderer: Renderer,
-    coeffs: Coefficients,
-    image: Tensor,
-    skin: Tensor,
-    lm_target: Tensor,
-    size: int,
-    descriptor: torch.nn.Module | None,
-) -> PhotoTerms:
-    """Photometric (skin attention x rendered face region), perceptual and albedo-flatness terms.
-
-    Args:
-        coeffs: batch of B predicted coefficients; image: ``(B, 3, 224, 224)`` [0, 1]; skin: ``(B, 1, 224, 224)``
-            skin attention; lm_target: ``(B, 68, 2)`` crop px y up (the photo's landmarks, to align its chip).
-        size: render side (px); the photo and skin map are average-pooled to it when smaller than 224.
-        descriptor: a :class:`FaceDescriptor` with ``input_scale=1`` or None to skip the perceptual term.
-    """
-    model = decoder.model
-    face = decoder(coeffs)
-    k = D.CROP // size
-    photo = F.avg_pool2d(image, k) if k > 1 else image
-    sk = F.avg_pool2d(skin, k) if k > 1 else skin
-    intr = decoder.camera.intrinsics.scaled(size / D.CROP)
-    tris = model.front_triangles
-    raster = renderer.rasterize(face.vertices_cam, tris, intr)
-    render = renderer.interpolate(face.colors, raster, tris).permute(0, 3, 1, 2)
-    mask = (raster.triangle_id >= 0)[:, None].to(render.dtype)
-    render = render * mask
-    photo_loss = losses.photometric_loss(render, photo, sk * mask)
-    refl = losses.reflectance_loss(face.albedo, model.skin_mask)
-    if descriptor is not None:
-        with torch.no_grad():
-            f_photo = descriptor.embed_faces(photo, crop_to_pixels(lm_target, size))
-        f_render = descriptor.embed_faces(render.clamp(0, 1), crop_to_pixels(face.landmarks_2d, size))
-        per = losses.perceptual_loss(f_photo, f_render)
-    else:
-        per = render.new_zeros(())
-    return PhotoTerms(photo_loss, per, refl, render, mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -475,8 +416,10 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
                 total = total + w.coef * coef + w.gamma * gam
             if n_photo:
                 c_ph = Coefficients.from_vector(vec[n_syn: n_syn + n_photo], model.layout)
-                pt = photo_terms(decoder, renderer, c_ph, r_img[:n_photo], r_skin[:n_photo], r_lm[:n_photo],
-                                 cfg.render_size, descriptor)
+                # the photo subset's rendered terms (the landmark and prior terms are taken over the whole batch
+                # above); the reference R-Net's region: the front-face triangles' coverage
+                pt = hybrid_terms(decoder, renderer, c_ph, r_img[:n_photo], r_skin[:n_photo], r_lm[:n_photo],
+                                  region="front", size=cfg.render_size, descriptor=descriptor, w=w)
                 photo, per, refl = pt.photo, pt.perceptual, pt.reflectance
                 total = total + w.photo * photo + w.perceptual * per + w.reflectance * refl
             opt.zero_grad(set_to_none=True)
@@ -566,14 +509,12 @@ class CNetConfig:
 
 def set_loss(decoder: FaceDecoder, renderer: Renderer, coeffs: Coefficients, images: Tensor, skin: Tensor,
              lm: Tensor, size: int, descriptor: torch.nn.Module | None) -> dict[str, Tensor]:
-    """The hybrid loss of every image of a set rendered with ``coeffs`` (already aggregated)."""
+    """The hybrid loss (:func:`facerecon.objective.hybrid_terms`, training's ``front`` region) of every image of a
+    set rendered with ``coeffs`` (already aggregated)."""
     w = losses.LossWeights()
-    pt = photo_terms(decoder, renderer, coeffs, images, skin, lm, size, descriptor)
-    lm_loss = losses.landmark_loss(decoder.landmarks(coeffs), lm)
-    coef = losses.coefficient_loss(coeffs.id, coeffs.exp, coeffs.tex, w)
-    total = (w.photo * pt.photo + w.perceptual * pt.perceptual + w.reflectance * pt.reflectance
-             + w.landmark * lm_loss + w.coef * coef)
-    return {"total": total, "photo": pt.photo, "perceptual": pt.perceptual, "landmark": lm_loss}
+    t = hybrid_terms(decoder, renderer, coeffs, images, skin, lm, region="front", size=size, descriptor=descriptor,
+                     w=w)
+    return {"total": t.total(w), "photo": t.photo, "perceptual": t.perceptual, "landmark": t.landmark}
 
 
 def _person_sets(real: D.RealSet, min_set: int) -> list[np.ndarray]:
