@@ -411,20 +411,13 @@ class Reconstructor:
                 renderer=self.renderer,
             )
 
-    def to_json(self, rec: Reconstruction) -> dict[str, Any]:
-        """Coefficients by name, landmarks in photo pixels (y down), pose, alignment, timings."""
-        return {
-            "face_model": self.model.name,
-            "layout": self.model.layout.model_dump(),
-            "mode": rec.mode,
-            "coefficients": rec.coefficients.to_dict(),
-            "pose_degrees": rec.pose_degrees(),
-            "landmarks68": rec.landmarks_photo.tolist(),
-            "detected_landmarks68": rec.face.lm68.tolist(),
-            "box": [float(v) for v in rec.face.box],
-            "detection": rec.face.to_dict(),
-            "landmark_error_crop_px": rec.landmark_error_px,
-            "alignment": rec.alignment.to_dict(),
-            "photo_size": list(rec.photo_size),
-            "timings_ms": {k: round(v, 2) for k, v in rec.timings.items()},
-        }
+    def to_json(self, rec: Reconstruction, index: int = 0) -> dict[str, Any]:
+        """One face as the API's JSON answers it (:func:`facerecon.report.face_result`: coefficients by name, pose,
+        landmarks in photo pixels, the detection's confidences, alignment, timings), with the face model, its
+        layout and the photo size; what ``facerecon reconstruct`` writes as ``coefficients.json``."""
+        from facerecon.report import face_result
+
+        names = list(self.model.card.expression_names or [])
+        doc = face_result(rec, index, expression_names=names).model_dump(mode="json", exclude_none=True)
+        return {"face_model": self.model.name, "layout": self.model.layout.model_dump(),
+                "photo_size": list(rec.photo_size), **doc}

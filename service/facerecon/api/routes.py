@@ -1,0 +1,244 @@
+"""The HTTP routes (FastAPI ``APIRouter``): reconstruct, reconstruct/set, health, readiness, models, with their
+OpenAPI descriptions; each route reads the form, decodes off the loop, runs its job on the pool and responds."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+from starlette.responses import Response
+
+from facerecon.api.errors import (
+    RequestTimedOut,
+    RequestValidationFailed,
+    UploadTimedOut,
+)
+from facerecon.api.forms import MEDIA_BY_FORMAT, Form, Upload, field_error, negotiate, parse_options, read_form
+from facerecon.api.jobs import Output, reconstruct_job, reconstruct_set_job, server_timing
+from facerecon.api.schemas import (
+    MESH_FORMATS,
+    ErrorResponse,
+    HealthResponse,
+    ModelsResponse,
+    ReadyResponse,
+    ReconstructOptions,
+    ReconstructResponse,
+    SetOptions,
+    SetResponse,
+)
+from facerecon.api.state import ServiceState
+from facerecon.config import Settings
+from facerecon.errors import InputError, TooManyImages
+from facerecon.imaging import decode_image
+
+log = logging.getLogger("facerecon.api")
+
+# -- routes ---------------------------------------------------------------------------------------------------------
+def _state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {
+        400: "`corrupt_image` (truncated or broken file), `malformed_request` (broken multipart)",
+        406: "`not_acceptable`: the Accept header names no available output",
+        408: "`upload_timeout`: the upload did not finish within the request deadline",
+        413: "`image_too_large`: too many bytes (per file or in all) or too many pixels",
+        415: "`not_an_image` (unsupported or non-image file) or `unsupported_media_type` (body not multipart)",
+        422: "`no_face`, `too_many_images`, `validation_error` (missing/unknown/invalid fields)",
+        503: "`overloaded` (every worker busy, queue full) or `not_ready`; retry after `Retry-After` seconds",
+        504: "`timeout`: the request took longer than the service's deadline",
+    }
+    out: dict[int | str, dict[str, Any]] = {}
+    for c in codes:
+        out[c] = {"model": ErrorResponse, "description": text[c]}
+        if c == 503:
+            out[c]["headers"] = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
+    return out
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_RESULT_HEADERS = {
+    "X-Face-Count": {"description": "faces in this response", "schema": {"type": "integer"}},
+    "X-Reconstruction-Mode": {"description": "`rnet`, `rnet+fit` or `fit`", "schema": {"type": "string"}},
+    "Server-Timing": {"description": "milliseconds per stage (`name;dur=ms`, ...)", "schema": {"type": "string"}},
+}
+
+
+def _multipart_body(options: type[BaseModel], file_field: str, many: int | None, description: str
+                    ) -> dict[str, Any]:
+    """OpenAPI requestBody for our hand-parsed multipart forms (the file field plus the options model)."""
+    schema = options.model_json_schema()
+    binary = {"type": "string", "format": "binary"}
+    file_schema: dict[str, Any] = (
+        {**binary, "description": description} if many is None
+        else {"type": "array", "items": binary, "minItems": 1, "maxItems": many, "description": description})
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": [file_field],
+        "properties": {file_field: file_schema, **schema.get("properties", {})},
+    }}}}}
+
+
+def build_router(settings: Settings) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/healthz", response_model=HealthResponse, tags=["service"],
+                summary="Liveness: 200 while the process runs")
+    async def healthz() -> HealthResponse:
+        return HealthResponse()
+
+    @router.get("/readyz", response_model=ReadyResponse, tags=["service"], responses=_error_responses(503),
+                summary="Readiness: 200 once models are loaded and warmed up, else 503 `not_ready`")
+    async def readyz(request: Request) -> ReadyResponse:
+        state = _state(request)
+        if not state.ready:
+            raise state.not_ready()
+        return ReadyResponse(ready=True, face_model=state.face_model, load_ms=state.load_ms,
+                             warmup_ms=state.warmup_ms)
+
+    @router.get("/metrics", tags=["service"], summary="Prometheus metrics (text format)",
+                responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def metrics(request: Request) -> Response:
+        body, ctype = _state(request).metrics.render()
+        return Response(body, media_type=ctype)
+
+    @router.get("/v1/models", response_model=ModelsResponse, tags=["models"], responses=_error_responses(503),
+                summary="The loaded face model's card, the device, the renderer and the R-Net status")
+    async def models(request: Request) -> ModelsResponse:
+        state = _state(request)
+        info = state.require_ready().info()
+        return ModelsResponse(**info, limits=state.limits())
+
+    @router.post(
+        "/v1/reconstruct", tags=["reconstruction"], response_model=ReconstructResponse,
+        summary="Reconstruct the face(s) of one photo",
+        description=(
+            "Multipart form with one file `image` (JPEG, PNG, WebP, BMP, TIFF, GIF, PPM). The output is chosen by "
+            "the `format` field, else by `Accept`; default OBJ. `faces=all` returns every face in JSON and draws "
+            "every face in PNG; mesh formats hold the largest face (`X-Faces-Detected` gives the count)."),
+        responses={
+            200: {"description": "the mesh, the JSON result or the overlay PNG", "headers": {
+                **_RESULT_HEADERS,
+                "X-Faces-Detected": {"description": "faces detected, with `faces=all` and a mesh format",
+                                     "schema": {"type": "integer"}}},
+                  "content": {MEDIA_BY_FORMAT[f]: _BINARY for f in ("obj", "glb", "ply", "png")}},
+            **_error_responses(400, 406, 408, 413, 415, 422, 503, 504),
+        },
+        openapi_extra=_multipart_body(ReconstructOptions, "image", None, "the photo"),
+    )
+    async def reconstruct(request: Request) -> Response:
+        state = _state(request)
+        rec = state.require_ready()
+        s = state.settings
+        t_start = time.perf_counter()
+        deadline = t_start + s.request_timeout_s
+        timings: dict[str, float] = {}
+        form = await _read(request, deadline, file_field="image", max_files=1, max_file_bytes=s.max_upload_bytes,
+                           too_many=lambda n: RequestValidationFailed(
+                               "send exactly one photo in `image` (use /v1/reconstruct/set for several)",
+                               **field_error("image", "exactly one file expected", "too_many_files")))
+        timings["read"] = (time.perf_counter() - t_start) * 1000.0
+        opts = parse_options(ReconstructOptions, form.fields)
+        fmt = opts.format or negotiate(request.headers.get("accept"), ("obj", "glb", "ply", "json", "png"), "obj")
+        if opts.texture != "none" and fmt not in ("obj", "glb"):
+            raise RequestValidationFailed(
+                f"texture={opts.texture} needs format=obj or glb, not {fmt}",
+                **field_error("texture", "a texture needs the obj or glb format", "texture_format"))
+        if not form.files:
+            raise RequestValidationFailed("the photo is missing: send it as the multipart file field `image`",
+                                          **field_error("image", "field required", "missing"))
+        image = await _decode(state, form.files[0], deadline, timings)
+        submitted = time.perf_counter()
+        result = await state.pool.run(  # type: ignore[union-attr]
+            lambda: reconstruct_job(rec, image, opts, fmt, timings, submitted, state.expression_names,
+                                    state.face_model or "unknown"),
+            timeout=max(0.001, deadline - time.perf_counter()),
+        )
+        return _respond(state, result.value, t_start)
+
+    @router.post(
+        "/v1/reconstruct/set", tags=["reconstruction"], response_model=SetResponse,
+        summary="One identity from several photos of one person",
+        description=(
+            "Multipart form with several files `images` (at most `max_set_images`, see /v1/models). JSON (default): "
+            "the aggregated identity coefficients, per-photo pose, expression, lighting and landmarks, and the "
+            "identity mesh (base64, `mesh_format`). `format=obj|glb|ply` returns the identity mesh itself."),
+        responses={
+            200: {"description": "the JSON result or the identity mesh", "headers": _RESULT_HEADERS,
+                  "content": {MEDIA_BY_FORMAT[f]: _BINARY for f in MESH_FORMATS}},
+            **_error_responses(400, 406, 408, 413, 415, 422, 503, 504),
+        },
+        openapi_extra=_multipart_body(SetOptions, "images", settings.max_set_images, "photos of one person"),
+    )
+    async def reconstruct_set(request: Request) -> Response:
+        state = _state(request)
+        rec = state.require_ready()
+        s = state.settings
+        t_start = time.perf_counter()
+        deadline = t_start + s.request_timeout_s
+        timings: dict[str, float] = {}
+        limit = s.max_set_images
+        form = await _read(request, deadline, file_field="images", max_files=limit, max_file_bytes=s.max_upload_bytes,
+                           too_many=lambda n: TooManyImages(
+                               f"more than {limit} photos in a set; the limit is {limit}", limit=limit))
+        timings["read"] = (time.perf_counter() - t_start) * 1000.0
+        opts = parse_options(SetOptions, form.fields)
+        fmt = opts.format or negotiate(request.headers.get("accept"), ("json", "obj", "glb", "ply"), "json")
+        if not form.files:
+            raise RequestValidationFailed("no photos: send them as multipart file fields `images`",
+                                          **field_error("images", "at least one file required", "missing"))
+        images = []
+        for i, upload in enumerate(form.files):
+            try:
+                images.append(await _decode(state, upload, deadline, timings))
+            except InputError as exc:
+                exc.details.setdefault("index", i)
+                exc.message = f"photo {i + 1} of the set: {exc.message}"
+                raise
+        submitted = time.perf_counter()
+        result = await state.pool.run(  # type: ignore[union-attr]
+            lambda: reconstruct_set_job(rec, images, opts, fmt, timings, submitted, state.expression_names,
+                                        state.face_model or "unknown"),
+            timeout=max(0.001, deadline - time.perf_counter()),
+        )
+        return _respond(state, result.value, t_start)
+
+    return router
+
+
+async def _read(request: Request, deadline: float, **kwargs: Any) -> Form:
+    try:
+        with anyio.fail_after(max(0.001, deadline - time.perf_counter())):
+            return await read_form(request, **kwargs)
+    except TimeoutError:
+        raise UploadTimedOut("the upload did not finish within the request deadline") from None
+
+
+async def _decode(state: ServiceState, upload: Upload, deadline: float, timings: dict[str, float]) -> np.ndarray:
+    s = state.settings
+    t0 = time.perf_counter()
+    data = bytes(upload.data)
+    try:
+        with anyio.fail_after(max(0.001, deadline - t0)):
+            image = await anyio.to_thread.run_sync(
+                lambda: decode_image(data, max_bytes=s.max_upload_bytes, max_pixels=s.max_image_pixels),
+                limiter=state.decode_limiter,
+            )
+    except TimeoutError:
+        raise RequestTimedOut("decoding the photo did not finish within the request deadline") from None
+    timings["image"] = timings.get("image", 0.0) + (time.perf_counter() - t0) * 1000.0
+    return image
+
+
+def _respond(state: ServiceState, out: Output, t_start: float) -> Response:
+    state.metrics.observe_stages(out.timings)
+    total = (time.perf_counter() - t_start) * 1000.0
+    headers = {**out.headers, "Server-Timing": server_timing({**out.timings, "total": total})}
+    return Response(out.body, media_type=out.media_type, headers=headers)

@@ -1,0 +1,208 @@
+"""What one app instance owns: settings, metrics, the inference pool, the reconstructor once loaded, readiness; and
+the warm-up inference that runs before ``/readyz`` turns ready.
+
+:class:`ReconstructorLike` is the whole contract between the HTTP layer and the engine
+(:class:`facerecon.pipeline.Reconstructor`; tests inject stand-ins).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import anyio
+import anyio.to_thread
+import numpy as np
+
+from facerecon import __version__
+from facerecon.api.errors import NotReady
+from facerecon.api.jobs import png_bytes
+from facerecon.api.metrics import Metrics
+from facerecon.api.schemas import ServiceLimits
+from facerecon.api.workers import InferencePool
+from facerecon.config import Settings
+from facerecon.errors import NoFaceFound
+from facerecon.imaging import load_image
+
+if TYPE_CHECKING:
+    from facerecon.detect import DetectedFace, Which
+    from facerecon.export import MeshData, MeshFormat
+    from facerecon.results import Reconstruction, SetReconstruction
+
+log = logging.getLogger("facerecon.api")
+
+#: Retry-After while the models load.
+NOT_READY_RETRY_S = 5
+
+
+@runtime_checkable
+class ReconstructorLike(Protocol):
+    """What the app needs from :class:`facerecon.pipeline.Reconstructor` (tests inject stand-ins), in the
+    pipeline's own types."""
+
+    def detect(self, image: np.ndarray, which: Which = ...) -> list[DetectedFace]: ...
+
+    def reconstruct(self, image: np.ndarray, *, which: Which = ..., refine: bool | None = ...
+                    ) -> list[Reconstruction]: ...
+
+    def reconstruct_set(self, images: Sequence[np.ndarray], *, refine: bool | None = ...) -> SetReconstruction: ...
+
+    def export(self, rec: Reconstruction, fmt: MeshFormat) -> bytes: ...
+
+    def export_files(self, image: np.ndarray, rec: Reconstruction, fmt: MeshFormat,
+                     texture: Literal["none", "photo", "albedo"] = ...) -> dict[str, bytes]: ...
+
+    def overlay(self, image: np.ndarray, rec: Reconstruction) -> np.ndarray: ...
+
+    def identity_mesh(self, rec: SetReconstruction) -> MeshData: ...
+
+    def to_json(self, rec: Reconstruction, index: int = ...) -> dict[str, Any]: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+
+ReconstructorSource = ReconstructorLike | Callable[[], ReconstructorLike]
+
+
+# -- the service state ----------------------------------------------------------------------------------------------
+class ServiceState:
+    """Everything one app instance owns: settings, metrics, pool, the reconstructor once loaded, readiness."""
+
+    def __init__(self, settings: Settings, source: ReconstructorSource | None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self._source = source
+        self.pool: InferencePool | None = None
+        self.reconstructor: ReconstructorLike | None = None
+        self.ready = False
+        self.stage = "starting"  # starting -> loading -> warming up -> ready | failed
+        self.error: str | None = None
+        self.load_ms: float | None = None
+        self.warmup_ms: float | None = None
+        self.face_model: str | None = None
+        self.expression_names: list[str] = []
+        self.decode_limiter = anyio.CapacityLimiter(max(2, settings.workers))
+        self._loader: threading.Thread | None = None
+        self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
+
+    # lifecycle -------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.settings
+        self.pool = InferencePool(s.workers, s.queue_size)
+        pool = self.pool
+        self.metrics.bind_pool(lambda: float(pool.waiting), lambda: float(pool.running))
+        log.info("inference pool: %d worker(s), queue %d", s.workers, s.queue_size)
+        self._loader = threading.Thread(target=self._load, name="facerecon-load", daemon=True)
+        self._loader.start()
+
+    def stop(self) -> None:
+        if self.pool is not None:
+            self.pool.close(timeout=self.settings.graceful_timeout_s)
+
+    def _load(self) -> None:
+        try:
+            self.stage = "loading"
+            t0 = time.perf_counter()
+            source = self._source
+            if source is None:
+                from facerecon.pipeline import Reconstructor
+
+                rec: ReconstructorLike = Reconstructor(self.settings)
+            elif isinstance(source, ReconstructorLike):
+                rec = source
+            else:
+                rec = source()
+            self.load_ms = (time.perf_counter() - t0) * 1000.0
+            info = rec.info()
+            card = info.get("face_model") or {}
+            self.face_model = str(card.get("name", "unknown")) if isinstance(card, dict) else str(card)
+            self.expression_names = list(card.get("expression_names") or []) if isinstance(card, dict) else []
+            self.metrics.set_model({
+                "face_model": self.face_model, "device": info.get("device", ""), "renderer": info.get("renderer", ""),
+                "default_mode": info.get("default_mode", ""), "version": info.get("version", __version__),
+            })
+            if self.settings.warmup:
+                self.stage = "warming up"
+                t0 = time.perf_counter()
+                warm_up(rec, self.settings)
+                self.warmup_ms = (time.perf_counter() - t0) * 1000.0
+            self.reconstructor = rec
+            self.stage = "ready"
+            self.ready = True
+            log.info("ready: face model %s (load %.0f ms, warm-up %s)", self.face_model, self.load_ms,
+                     "off" if self.warmup_ms is None else f"{self.warmup_ms:.0f} ms")
+        except Exception as exc:
+            self.stage = "failed"
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("start-up failed; the service stays not ready")
+
+    def require_ready(self) -> ReconstructorLike:
+        rec = self.reconstructor
+        if not self.ready or rec is None:
+            raise self.not_ready()
+        return rec
+
+    def not_ready(self) -> NotReady:
+        if self.stage == "failed":
+            return NotReady(f"start-up failed: {self.error}", retry_after=60, stage=self.stage)
+        return NotReady(f"the service is starting ({self.stage})", retry_after=NOT_READY_RETRY_S, stage=self.stage)
+
+    def limits(self) -> ServiceLimits:
+        s = self.settings
+        return ServiceLimits(
+            max_upload_bytes=s.max_upload_bytes, max_image_pixels=s.max_image_pixels,
+            max_set_images=s.max_set_images, workers=s.workers, queue_size=s.queue_size,
+            request_timeout_s=s.request_timeout_s,
+        )
+
+
+# -- warm-up --------------------------------------------------------------------------------------------------------
+def synthetic_face_photo(rec: Any, size: int = 320) -> np.ndarray:
+    """A photo the detector finds a face in, made from the face model alone: the mean face, lit from the front and
+    above (plain ambient light is too flat for a HOG detector), over a dark grey background, ``(size, size, 3)``
+    uint8. Needs a real :class:`~facerecon.pipeline.Reconstructor` (its decoder and renderer)."""
+    import torch
+
+    from facerecon.coefficients import Coefficients
+    from facerecon.geometry import Intrinsics
+    from facerecon.render.overlay import overlay_on_photo
+
+    c = Coefficients.zeros(rec.model.layout, 1, rec.device)
+    gamma = c.gamma.clone()
+    for ch in range(3):  # SH bands 1 (y) and 2 (z): light from above and in front
+        gamma[0, ch * 9 + 2] = 0.3
+        gamma[0, ch * 9 + 3] = 0.3
+    c = Coefficients(c.id, c.exp, c.tex, c.angle, gamma, c.trans)
+    with torch.no_grad():
+        decoded = rec.decoder(c)
+    f = rec.decoder.camera.focal * size / rec.decoder.camera.size * 0.6
+    intrinsics = Intrinsics(f, f, size / 2, size / 2, size, size)
+    background = np.full((size, size, 3), 60, np.uint8)
+    return overlay_on_photo(background, decoded.vertices_cam, rec.overlay_triangles, decoded.colors.clamp(0, 1),
+                            intrinsics, renderer=rec.renderer)
+
+
+def warm_up(rec: ReconstructorLike, settings: Settings) -> None:
+    """One inference through every stage a request uses (detection, alignment, fitting/R-Net, decoding, export,
+    overlay), on ``settings.warmup_image`` or :func:`synthetic_face_photo`."""
+    renderer = getattr(rec, "renderer", None)
+    if renderer is not None and hasattr(renderer, "warmup"):
+        renderer.warmup()
+    if settings.warmup_image is not None:
+        photo = load_image(settings.warmup_image, max_bytes=settings.max_upload_bytes,
+                           max_pixels=settings.max_image_pixels)
+    elif hasattr(rec, "decoder") and hasattr(rec, "overlay_triangles"):
+        photo = synthetic_face_photo(rec)
+    else:  # a stand-in reconstructor: exercise what it has
+        photo = np.full((64, 64, 3), 128, np.uint8)
+    try:
+        recs = rec.reconstruct(photo)
+    except NoFaceFound:
+        log.warning("warm-up: no face detected in the warm-up photo; only detection was warmed up")
+        return
+    rec.export(recs[0], "obj")
+    png_bytes(rec.overlay(photo, recs[0]))
+    rec.to_json(recs[0])
