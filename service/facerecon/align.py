@@ -34,6 +34,9 @@ reference's Pillow 6.2.1 always does. Pillow >= 11 runs the vertical pass first 
 twice as much as the width (photos taller than about 2:1 being downscaled), which moves some pixels by one grey
 level; doing the passes ourselves keeps the reference's order on every Pillow version. The tests check the result
 against the plain full resize on the reference photos and against explicit two-pass full resizes on random sizes.
+
+Size: over 400 lines because the reference's exact crop arithmetic, its inverse maps, the bit-exact two-pass resize
+and the turned-face crop must agree with each other; splitting them would scatter one convention over several files.
 """
 
 from __future__ import annotations

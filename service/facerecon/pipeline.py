@@ -11,6 +11,9 @@ mesh format, textured or not), :meth:`Reconstructor.overlay`, :meth:`Reconstruct
 Modes: with a trained R-Net installed for the face model (``models/<name>/rnet.json``), R-Net predicts and
 ``refine`` adds test-time fitting from its prediction; without one, fitting from the mean face is the quality path
 (the alignment already places the mean face on the photo) and this is said at start-up, never silently.
+
+Size: over 400 lines because it is the one place the stages are composed (four stages, the set path, and the outputs
+that need the engine's model and renderer); each stage's work lives in its own module.
 """
 
 from __future__ import annotations

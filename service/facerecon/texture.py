@@ -46,6 +46,9 @@ mipmaps do not bleed black into the seams.
 Cost (1024 x 1024, ICT, after the renderer's JIT warm-up, measured on a busy shared 2-core machine): a photo texture
 0.5-1 s of CPU (1-2 s wall there), an albedo texture 0.1-0.4 s; the OBJ bundle (PNG encoding) and the GLB about 0.5 s
 each more. Time grows with the texel count (2048 x 2048: about 4x).
+
+Size: over 400 lines: the atlas, the photo texture (visibility, mirroring, filling) and the albedo texture share the
+UV raster and its conventions; the files that carry them are written by :mod:`facerecon.export`.
 """
 
 from __future__ import annotations

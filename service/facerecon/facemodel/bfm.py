@@ -52,6 +52,9 @@ centroids are more than 3 cm apart (which would mean a wrong input file).
 
 **Mirror index.** Stored only when the re-centred mean shape is symmetric enough for the nearest mirrored vertex to
 mean something (95 % of vertices within 2 mm of their mirror image and 90 % of pairs mutual); otherwise omitted.
+
+Size: over 400 lines: the reference's ``transferBFM09`` conversion from the user's licensed files is one recipe
+(index files, selection, expression basis, masks, card), tested as a whole on fixtures in the exact formats.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ Choices, and why:
   standard landmarks (least-squares scale 0.951); the alignment uses this model's own 68 standard landmarks, so the
   crop scale adapts.
 * **Albedo.** ICT has no albedo model; see :func:`albedo_space` (principled region modes, not learned).
+
+Size: over 400 lines: the whole ICT FaceKit conversion (part selection, quads, blendshapes, landmarks, the
+principled albedo space, the card) is one reproducible recipe, tested as a whole against the shipped file.
 """
 
 from __future__ import annotations

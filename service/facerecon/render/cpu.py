@@ -28,6 +28,9 @@ How it works (conventions in :mod:`facerecon.render.base`):
 Cost: one 224 x 224 render of a ~17K-vertex, ~33K-triangle face, rasterise + interpolate, is a few milliseconds on
 one core after JIT (``bench/bench_render.py``). Call :func:`warmup` (or :meth:`CpuRenderer.warmup`) at start-up:
 the first call compiles the kernel (~2 s; later processes load numba's on-disk cache).
+
+Size: over 400 lines: the numba kernels (rasterise, interpolate forward and backward, antialias) and their torch
+autograd glue are one backend of the :class:`~facerecon.render.base.Renderer` interface.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ re-indexing) on aligned crops, skin maps and landmarks, in torch.
 Conventions: crops ``(224, 224, 3)`` uint8 RGB, row 0 at the top; landmarks ``(68, 2)`` float32 crop pixels
 ``(u, v_up)``, **y up** (row = 223 - v_up), as :class:`facerecon.fit.FitTarget`; skin ``(224, 224)`` uint8
 (round(255 p)).
+
+Size: over 400 lines: the real-photo cache, the augmentation and the synthetic pool are the training data of one run
+and share its conventions (crop frame, landmark order, cache key).
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ therefore returns the layers in order plus how many tag/skip wrappers sit betwee
 consumer that knows the architecture checks the stream against it.
 
 Security: no code is executed and no object is unpickled; every length is bounded by the bytes that remain.
+
+Size: over 400 lines: a reader for dlib's whole serialisation format (tags, portable floats, every layer type the
+descriptor uses), training-only.
 """
 
 from __future__ import annotations

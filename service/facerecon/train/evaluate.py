@@ -28,7 +28,8 @@ from facerecon.render import get_renderer
 from facerecon.render.base import Renderer
 from facerecon.skin import skin_attention
 from facerecon.train import data as D
-from facerecon.train.loop import _to_tensor_images, landmark_errors, load_rnet, predict, prepare_data
+from facerecon.train.checkpoints import load_rnet
+from facerecon.train.rnet import _to_tensor_images, landmark_errors, predict, prepare_data
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,9 @@ Architecture (dlib's ``dnn_face_recognition_ex.cpp``; checked against the layer 
   dlib's same-person threshold is Euclidean distance 0.6).
 
 The affine (frozen batch-norm) layers are folded into the preceding convolutions.
+
+Size: over 400 lines: the port of dlib's ResNet descriptor (layers, weights mapping, chip extraction) is one
+network; it is training-only code.
 """
 
 from __future__ import annotations

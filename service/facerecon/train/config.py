@@ -1,0 +1,125 @@
+"""Training run configurations (R-Net, C-Net), the learning-rate schedule and deterministic seeding."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+CHECKPOINT = "checkpoint.pt"
+CNET_CHECKPOINT = "cnet_checkpoint.pt"
+
+
+_C = TypeVar("_C")
+
+
+def _from_known_fields(cls: type[_C], d: dict[str, Any]) -> _C:
+    """A config dataclass from a saved dict, ignoring keys it no longer has (old run directories stay loadable)."""
+    known = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class RNetConfig:
+    """Everything a run needs; stored as ``RUN_DIR/config.json`` (a resumed run reads it back).
+
+    Attributes (units): lr per Adam step, cosine-decayed to ``lr * lr_final`` after ``warmup`` linear steps;
+    ``synthetic_fraction`` of every batch is synthetic; ``photo_per_batch`` real images per batch get the
+    photometric + perceptual terms, rendered at ``render_size`` px; ``time_limit_s`` stops (with a checkpoint)
+    after that many seconds of this process; ``val_people`` identities of the first annotated folder are held out.
+    """
+
+    data: list[str]
+    out: str
+    val_data: list[str] = field(default_factory=list)
+    face_model: str = "ict"
+    models_dir: str = "models"
+    steps: int = 1000
+    batch: int = 16
+    backbone: str = "resnet18"
+    trunk_size: int = 112
+    lr: float = 3e-4
+    lr_final: float = 0.1
+    warmup: int = 30
+    synthetic: int = 3000
+    synthetic_fraction: float = 0.5
+    synthetic_only: bool = False
+    photo_per_batch: int = 2
+    render_size: int = 112
+    perceptual: bool = True
+    coef_supervision: float = 0.1
+    augment: bool = True
+    val_people: int = 10
+    val_max: int = 50
+    val_every: int = 100
+    checkpoint_every: int = 50
+    seed: int = 0
+    threads: int = 0
+    device: str = "auto"
+    cache_dir: str = ""
+    max_real: int = 0
+    time_limit_s: float = 0.0
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RNetConfig:
+        return _from_known_fields(cls, d)
+
+
+#: Scale of each coefficient group in the synthetic sampler; the supervision term is the mean squared error of each
+#: group divided by its scale squared, averaged over groups (so every group counts about equally).
+SUPERVISION_SCALES = {"id": 0.9, "exp": 0.3, "tex": 0.8, "angle": 0.35, "gamma": 0.15, "trans": 0.15}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _rng(seed: int, step: int, stream: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Per-step generators (numpy, torch CPU) so that resuming reproduces the same draws."""
+    np_rng = np.random.default_rng([seed, step, stream])
+    return np_rng, torch.Generator().manual_seed(int(np_rng.integers(0, 2**62)))
+
+
+def lr_at(step: int, cfg: RNetConfig) -> float:
+    """Linear warm-up then cosine decay to ``lr * lr_final`` at ``cfg.steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@dataclass
+class CNetConfig:
+    """C-Net run: ``rnet_run`` is the R-Net run directory (frozen); sets of ``min_set``-``max_set`` photos of one
+    person from ``data``; Adam ``lr`` (paper 2e-5; a short CPU run uses more)."""
+
+    data: list[str]
+    out: str
+    rnet_run: str
+    steps: int = 100
+    lr: float = 1e-4
+    min_set: int = 2
+    max_set: int = 4
+    render_size: int = 112
+    perceptual: bool = True
+    seed: int = 0
+    threads: int = 0
+    device: str = "auto"
+    cache_dir: str = ""
+    max_photos: int = 0
+    checkpoint_every: int = 25
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CNetConfig:
+        return _from_known_fields(cls, d)

@@ -1,0 +1,327 @@
+"""Weakly-supervised R-Net training: data for a run, batches, validation, the training loop."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from facerecon import losses
+from facerecon.coefficients import Coefficients
+from facerecon.decoder import FaceDecoder
+from facerecon.facemodel import FaceModel
+from facerecon.facemodel.registry import resolve
+from facerecon.nets.rnet import ReconNet
+from facerecon.objective import hybrid_terms
+from facerecon.render import get_renderer
+from facerecon.render.base import Renderer
+from facerecon.skin import skin_attention
+from facerecon.train import data as D
+from facerecon.train.checkpoints import build_rnet, load_checkpoint, save_checkpoint
+from facerecon.train.config import CHECKPOINT, SUPERVISION_SCALES, RNetConfig, _device, _rng, lr_at
+
+log = logging.getLogger(__name__)
+
+
+def supervision_loss(pred: Coefficients, true: Coefficients) -> Tensor:
+    """Mean over the six groups of ``mean((pred - true)^2) / scale^2`` (:data:`SUPERVISION_SCALES`)."""
+    terms = [((getattr(pred, k) - getattr(true, k)) ** 2).mean() / s**2 for k, s in SUPERVISION_SCALES.items()]
+    return torch.stack(terms).mean()
+
+
+@dataclass
+class RunData:
+    train: D.RealSet | None
+    val: D.RealSet | None
+    synthetic: D.SyntheticPool
+    synthetic_val: D.SyntheticPool
+
+
+def _identity_split(real: D.RealSet, n_people: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``n_people`` identities among photos with given landmarks (none of their photos is trained on)."""
+    people = sorted({p for p, g in zip(real.identity, real.given, strict=True) if p and g})
+    rng = np.random.default_rng([seed, 7])
+    held = set(rng.choice(people, size=min(n_people, len(people)), replace=False).tolist()) if people else set()
+    is_val = np.array([p in held for p in real.identity])
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def prepare_data(cfg: RNetConfig, decoder: FaceDecoder, renderer: Renderer,
+                 progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None) -> RunData:
+    """Build (or load from the cache) the real photo sets, the split and the synthetic pools."""
+    out = Path(cfg.out)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    lm3d5 = decoder.model.standard_lm5
+    split_file = out / "split.json"
+    train: D.RealSet | None = None
+    val: D.RealSet | None = None
+    if cfg.data:
+        entries = D.list_photos([Path(p) for p in cfg.data], limit=cfg.max_real or None)
+        real = D.build_real_cache(entries, cache, lm3d5, progress=progress)
+        tr, va = _identity_split(real, cfg.val_people, cfg.seed)
+        rng = np.random.default_rng([cfg.seed, 8])
+        va = np.sort(rng.permutation(va)[: cfg.val_max]) if len(va) else va
+        # synthetic-only runs still validate on the same held-out real photos, but never train on real pixels
+        train, val = (None if cfg.synthetic_only else real.subset(tr)), real.subset(va)
+    if cfg.val_data:
+        extra = D.build_real_cache(D.list_photos([Path(p) for p in cfg.val_data]), cache, lm3d5, progress=progress)
+        val = extra if val is None else _concat(val, extra)
+    if val is not None:
+        split = {"train_photos": len(train) if train is not None else 0, "val_paths": val.paths}
+        split_file.write_text(json.dumps(split, indent=1))
+    pool = D.synthetic_pool(decoder, renderer, cfg.synthetic, cfg.seed, cache)
+    pool_val = D.synthetic_pool(decoder, renderer, 200, cfg.seed + 12345, cache)
+    return RunData(train, val, pool, pool_val)
+
+
+def _concat(a: D.RealSet, b: D.RealSet) -> D.RealSet:
+    return D.RealSet(np.concatenate([a.images, b.images]), np.concatenate([a.lm68, b.lm68]),
+                     np.concatenate([a.skin, b.skin]), a.identity + b.identity, a.paths + b.paths,
+                     np.concatenate([a.given, b.given]))
+
+
+def _to_tensor_images(x: np.ndarray, device: torch.device) -> Tensor:
+    """``(B, H, W, 3)`` uint8 -> ``(B, 3, H, W)`` float [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def predict(net: ReconNet, images: np.ndarray, device: torch.device, batch: int = 16) -> Tensor:
+    """``(N, 224, 224, 3)`` uint8 crops -> ``(N, total)`` coefficient vectors (eval mode, on CPU)."""
+    was = net.training
+    net.eval()
+    outs = [net(_to_tensor_images(images[i: i + batch], device)).float().cpu() for i in range(0, len(images), batch)]
+    net.train(was)
+    return torch.cat(outs)
+
+
+def landmark_errors(pred: Tensor, target: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image mean landmark error (crop px) and the same normalised by the outer-eye-corner (36, 45) distance."""
+    err = (pred - target).norm(dim=-1).mean(dim=-1)
+    iod = (target[:, 36] - target[:, 45]).norm(dim=-1).clamp(min=1e-6)
+    return err.numpy(), (err / iod).numpy()
+
+
+@torch.no_grad()
+def validate(net: ReconNet, decoder: FaceDecoder, renderer: Renderer, rd: RunData, device: torch.device,
+             png: Path | None = None) -> dict[str, float]:
+    """R-Net-alone landmark error on the real validation photos and pose error on held-out synthetic ones; with
+    ``png``, a strip of crops with the render composited over them."""
+    out: dict[str, float] = {}
+    layout = decoder.model.layout
+    if rd.val is not None and len(rd.val):
+        vec = predict(net, rd.val.images, device)
+        c = Coefficients.from_vector(vec.to(device), layout)
+        lm = decoder.landmarks(c).cpu()
+        e, nme = landmark_errors(lm, torch.from_numpy(rd.val.lm68))
+        out["val_lm_px"], out["val_nme"] = float(e.mean()), float(nme.mean())
+    syn = D.composite(rd.synthetic_val.foreground[:64], rd.synthetic_val.mask[:64],
+                      D.random_backgrounds(64, np.random.default_rng(5)), np.random.default_rng(6))
+    vec = predict(net, syn, device)
+    pc = Coefficients.from_vector(vec, layout)
+    tc = Coefficients.from_vector(torch.from_numpy(rd.synthetic_val.coeffs[:64]), layout)
+    out["syn_angle_deg"] = float(torch.rad2deg((pc.angle - tc.angle).abs()).mean())
+    if png is not None and rd.val is not None and len(rd.val):
+        n = min(6, len(rd.val))
+        idx = np.linspace(0, len(rd.val) - 1, n).round().astype(int)
+        save_overlays(decoder, renderer, rd.val.images[idx], Coefficients.from_vector(
+            predict(net, rd.val.images[idx], device).to(device), layout), png)
+    return out
+
+
+@torch.no_grad()
+def save_overlays(decoder: FaceDecoder, renderer: Renderer, crops: np.ndarray, coeffs: Coefficients,
+                  path: Path) -> None:
+    """Two rows: the crops, and the lit render composited over them (PNG)."""
+    face = decoder(coeffs)
+    tris = decoder.model.front_triangles
+    img, mask, _ = renderer.render(face.vertices_cam, tris, face.colors.clamp(0, 1), decoder.camera.intrinsics)
+    photo = _to_tensor_images(crops, img.device)
+    comp = img * mask + photo * (1 - mask)
+    top = np.concatenate(list(crops), axis=1)
+    bottom = np.concatenate(list((comp.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)), axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate([top, bottom], axis=0)).save(path)
+
+
+def _synthetic_batch(rd: RunData, n: int, rng: np.random.Generator, device: torch.device
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """``n`` synthetic photos over fresh backgrounds: images ``(n, 3, 224, 224)``, true vectors, landmarks."""
+    pool = rd.synthetic
+    ix = rng.integers(0, len(pool), size=n)
+    bg_src = rd.train.images if rd.train is not None and len(rd.train) else None
+    bg = D.random_backgrounds(n, rng, bg_src)
+    img = D.composite(pool.foreground[ix], pool.mask[ix], bg, rng)
+    return (_to_tensor_images(img, device), torch.from_numpy(pool.coeffs[ix]).to(device),
+            torch.from_numpy(pool.lm68[ix]).to(device))
+
+
+def _real_batch(rd: RunData, n: int, rng: np.random.Generator, device: torch.device, augment: bool
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """``n`` real photos: images ``(n, 3, 224, 224)``, skin attention ``(n, 1, 224, 224)``, landmarks."""
+    assert rd.train is not None
+    ix = rng.integers(0, len(rd.train), size=n)
+    img = _to_tensor_images(rd.train.images[ix], device)
+    skin = torch.from_numpy(rd.train.skin[ix]).to(device)[:, None].float().div_(255.0)
+    lm = torch.from_numpy(rd.train.lm68[ix]).to(device)
+    if augment:
+        img, skin, lm = D.augment(img, skin, lm, rng)
+    return img, skin_attention(skin), lm
+
+
+_LOSS_COLUMNS = ["step", "seconds", "lr", "total", "landmark", "coef", "gamma", "supervision", "photo",
+                 "perceptual", "reflectance", "lm_px_real", "lm_px_syn"]
+
+
+def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
+    """Train (or resume) an R-Net; returns the checkpoint path. See the module docstring for the recipe."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / "config.json"
+    ckpt_file = out / CHECKPOINT
+    if resume and cfg_file.is_file():
+        saved = RNetConfig.from_dict(json.loads(cfg_file.read_text()))
+        # the recipe comes from the run; what the caller may change on resume: length and time budget
+        saved.steps, saved.time_limit_s, saved.progress = cfg.steps, cfg.time_limit_s, cfg.progress
+        cfg = saved
+    cfg_file.write_text(json.dumps(asdict(cfg), indent=1))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg.device)
+    model = FaceModel.from_file(resolve(Path(cfg.models_dir), cfg.face_model), device=device)
+    decoder = FaceDecoder(model)
+    renderer = get_renderer("auto", device)
+    bar = _progress if cfg.progress else None
+    rd = prepare_data(cfg, decoder, renderer, progress=bar)
+    net = build_rnet(model.layout, cfg).to(device).train()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    step = 0
+    if resume and ckpt_file.is_file():
+        state = load_checkpoint(ckpt_file)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        log.info("resumed %s at step %d", ckpt_file, step)
+    descriptor = None
+    use_photo = rd.train is not None and cfg.photo_per_batch > 0 and not cfg.synthetic_only
+    if use_photo and cfg.perceptual:
+        from facerecon.train.face_descriptor import FaceDescriptor
+
+        descriptor = FaceDescriptor(cache=True, input_scale=1.0).to(device)
+    w = losses.LossWeights()
+    lm_w = losses.LANDMARK_WEIGHTS.to(device)
+    amp = device.type == "cuda"
+    n_syn = cfg.batch if (cfg.synthetic_only or rd.train is None) else round(cfg.batch * cfg.synthetic_fraction)
+    n_real = cfg.batch - n_syn
+    n_photo = min(cfg.photo_per_batch, n_real) if use_photo else 0
+    loss_csv = out / "losses.csv"
+    new_csv = not loss_csv.is_file() or step == 0
+    fh = open(loss_csv, "w" if new_csv else "a", newline="")  # noqa: SIM115 (closed in the finally below)
+    writer = csv.writer(fh)
+    if new_csv:
+        writer.writerow(_LOSS_COLUMNS)
+    t_start = time.perf_counter()
+    pbar = _progress_bar(cfg.steps, step) if cfg.progress else None
+    try:
+        while step < cfg.steps:
+            if cfg.time_limit_s and time.perf_counter() - t_start > cfg.time_limit_s:
+                log.info("time limit reached at step %d", step)
+                break
+            t0 = time.perf_counter()
+            rng, _ = _rng(cfg.seed, step, 0)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            parts, row = [], {}
+            s_img, s_vec, s_lm = _synthetic_batch(rd, n_syn, rng, device)
+            parts.append(s_img)
+            if n_real:
+                r_img, r_skin, r_lm = _real_batch(rd, n_real, rng, device, cfg.augment)
+                parts.append(r_img)
+            images = torch.cat(parts)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                vec = net(images)
+            vec = vec.float()
+            c_all = Coefficients.from_vector(vec, model.layout)
+            lm_pred = decoder.landmarks(c_all)
+            lm_target = torch.cat([s_lm, r_lm]) if n_real else s_lm
+            lm_loss = losses.landmark_loss(lm_pred, lm_target, lm_w)
+            true = Coefficients.from_vector(s_vec, model.layout)
+            sup = supervision_loss(Coefficients.from_vector(vec[:n_syn], model.layout), true)
+            total = w.landmark * lm_loss + cfg.coef_supervision * sup
+            coef = gam = photo = per = refl = vec.new_zeros(())
+            if n_real:
+                c_real = Coefficients.from_vector(vec[n_syn:], model.layout)
+                coef = losses.coefficient_loss(c_real.id, c_real.exp, c_real.tex, w)
+                gam = losses.gamma_loss(c_real.gamma)
+                total = total + w.coef * coef + w.gamma * gam
+            if n_photo:
+                c_ph = Coefficients.from_vector(vec[n_syn: n_syn + n_photo], model.layout)
+                # the photo subset's rendered terms (the landmark and prior terms are taken over the whole batch
+                # above); the reference R-Net's region: the front-face triangles' coverage
+                pt = hybrid_terms(decoder, renderer, c_ph, r_img[:n_photo], r_skin[:n_photo], r_lm[:n_photo],
+                                  region="front", size=cfg.render_size, descriptor=descriptor, w=w)
+                photo, per, refl = pt.photo, pt.perceptual, pt.reflectance
+                total = total + w.photo * photo + w.perceptual * per + w.reflectance * refl
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            step += 1
+            with torch.no_grad():
+                err = (lm_pred - lm_target).norm(dim=-1).mean(dim=-1)
+            row = {"step": step, "seconds": round(time.perf_counter() - t0, 3), "lr": opt.param_groups[0]["lr"],
+                   "total": total.item(), "landmark": lm_loss.item(), "coef": coef.item(), "gamma": gam.item(),
+                   "supervision": sup.item(), "photo": photo.item(), "perceptual": per.item(),
+                   "reflectance": refl.item(), "lm_px_real": err[n_syn:].mean().item() if n_real else float("nan"),
+                   "lm_px_syn": err[:n_syn].mean().item()}
+            writer.writerow([f"{row[k]:.6g}" if isinstance(row[k], float) else row[k] for k in _LOSS_COLUMNS])
+            fh.flush()
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{row['total']:.3f}", lm=f"{row['lm_px_real']:.2f}",
+                                 syn=f"{row['lm_px_syn']:.2f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                fh.flush()
+                save_checkpoint(ckpt_file, net, opt, step)
+            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+                _write_val(out, step, validate(net, decoder, renderer, rd, device,
+                                               png=out / "val" / f"step_{step:06d}.png"))
+    finally:
+        fh.close()
+        if pbar is not None:
+            pbar.close()
+    save_checkpoint(ckpt_file, net, opt, step)
+    log.info("R-Net run %s at step %d (%.0f s this session)", out, step, time.perf_counter() - t_start)
+    return ckpt_file
+
+
+def _write_val(out: Path, step: int, metrics: dict[str, float]) -> None:
+    path = out / "val.csv"
+    new = not path.is_file()
+    with open(path, "a", newline="") as fh:
+        w = csv.writer(fh)
+        if new:
+            w.writerow(["step", *metrics])
+        w.writerow([step, *(f"{v:.5g}" for v in metrics.values())])
+    log.info("validation at step %d: %s", step, metrics)
+
+
+def _progress(it: Iterable[Any]) -> Iterable[Any]:
+    from tqdm import tqdm
+
+    return tqdm(it, leave=False)
+
+
+def _progress_bar(total: int, initial: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
