@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image
 
 from facerecon.geometry import Camera, Intrinsics
+from facerecon.landmarks import lm68_to_lm5
 
 __all__ = [
     "CROP_SIZE",
@@ -89,9 +90,7 @@ def standard_lm5(lm3d_68: np.ndarray) -> np.ndarray:
     lm = np.asarray(lm3d_68)
     if lm.shape != (68, 3):
         raise ValueError(f"expected (68, 3) 3D landmarks, got {lm.shape}")
-    # same index definition as facerecon.detect.LM5_FROM_68 (kept here so align does not import detect)
-    pts = [lm[[36, 39]].mean(axis=0), lm[[42, 45]].mean(axis=0), lm[30], lm[48], lm[54]]
-    return np.stack(pts, axis=0).astype(lm.dtype, copy=False)
+    return lm68_to_lm5(lm)
 
 
 def pos(lm2d_yup: np.ndarray, lm3d: np.ndarray) -> tuple[float, float, float]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    import torch
 
 #: The repository's ``models/`` folder (an editable or source install); a wheel install sets FACERECON_MODELS_DIR.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
@@ -53,3 +56,13 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device a ``device`` setting names: ``"auto"`` is CUDA when torch sees a GPU, else the CPU (the one
+    place this rule is written)."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)

@@ -32,7 +32,7 @@ import torch
 from facerecon import __version__
 from facerecon.align import align_face
 from facerecon.coefficients import Coefficients
-from facerecon.config import Settings, get_settings
+from facerecon.config import Settings, get_settings, resolve_device
 from facerecon.decoder import DecodedFace, FaceDecoder
 from facerecon.detect import DetectedFace, FaceDetector, select_faces
 from facerecon.errors import ExportNotSupported, FaceReconError, NoFaceFound, TooManyImages
@@ -139,10 +139,7 @@ class Reconstructor:
             # that moves a fit by ~1 %. One thread makes every reconstruction bit-reproducible (requests run
             # concurrently in the service's workers instead).
             torch.set_num_threads(self.settings.torch_threads)
-        device = self.settings.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(self.settings.device)
         self.model = face_model or FaceModel.from_file(
             resolve(self.settings.models_dir, self.settings.face_model), device=self.device
         )

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from facerecon.landmarks import LM5_FROM_68, lm68_to_lm5
+
 __all__ = [
     "LM5_FROM_68",
     "MIN_LANDMARK_SCORE",
@@ -23,10 +25,6 @@ __all__ = [
     "select_faces",
 ]
 
-#: 0-based iBUG indices defining the reference's 5 points: eye centres as means of the two corners, nose tip,
-#: mouth corners (reference.md section 1).
-LM5_FROM_68: tuple[tuple[int, ...], ...] = ((36, 39), (42, 45), (30,), (48,), (54,))
-
 #: A face whose detection score is below this is reported but flagged unreliable (BlazeFace sigmoid score; the
 #: detector keeps boxes from 0.5 as MediaPipe does). On the CFP / AFW / HELEN photos 95 % of true faces score
 #: 0.66 or more (``python -m eval.detection``); small faces in group photos score 0.5-0.9.
@@ -35,22 +33,6 @@ MIN_RELIABLE_SCORE = 0.6
 MIN_LANDMARK_SCORE = 0.5
 
 Which = Literal["largest", "all"]
-
-
-def lm68_to_lm5(lm68: np.ndarray) -> np.ndarray:
-    """Reduce 68 iBUG landmarks to the reference's 5 points.
-
-    Args:
-        lm68: ``(..., 68, D)`` (D = 2 for photo points, 3 for 3D model points), any frame.
-
-    Returns:
-        ``(..., 5, D)`` in the input's dtype and frame: ``mean(36, 39), mean(42, 45), 30, 48, 54``.
-    """
-    lm68 = np.asarray(lm68)
-    if lm68.ndim < 2 or lm68.shape[-2] != 68:
-        raise ValueError(f"expected (..., 68, D) landmarks, got {lm68.shape}")
-    pts = [lm68[..., list(idx), :].mean(axis=-2) for idx in LM5_FROM_68]
-    return np.stack(pts, axis=-2).astype(lm68.dtype, copy=False)
 
 
 @dataclass(frozen=True, eq=False)

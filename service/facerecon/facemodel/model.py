@@ -10,17 +10,11 @@ from torch import Tensor, nn
 
 from facerecon.coefficients import CoefficientLayout
 from facerecon.facemodel.format import FaceModelCard, FaceModelData, load_face_model
+from facerecon.landmarks import lm68_to_lm5
+
 
 #: 0-based iBUG indices whose means/values give the reference's 5 points: eye (image left) = mean(36, 39),
 #: eye (image right) = mean(42, 45), nose tip 30, mouth corners 48 and 54 (reference.md section 1).
-LM5_FROM_68 = ((36, 39), (42, 45), (30,), (48,), (54,))
-
-
-def lm5_from_lm68(lm68: np.ndarray) -> np.ndarray:
-    """Reduce ``(..., 68, D)`` landmarks to the reference's 5 points ``(..., 5, D)``."""
-    return np.stack([lm68[..., list(ix), :].mean(axis=-2) for ix in LM5_FROM_68], axis=-2)
-
-
 class FaceModel(nn.Module):
     """A linear 3D morphable model ``S = S̄ + B_id·α + B_exp·β``, ``T = T̄ + B_tex·δ``.
 
@@ -89,7 +83,7 @@ class FaceModel(nn.Module):
     @property
     def standard_lm5(self) -> np.ndarray:
         """``(5, 3)`` float32: the 5 standard 3D points of the reference alignment (section 6.2)."""
-        return lm5_from_lm68(self.standard_landmarks68.astype(np.float64)).astype(np.float32)
+        return lm68_to_lm5(self.standard_landmarks68.astype(np.float64)).astype(np.float32)
 
     def shape(self, id_coeff: Tensor, exp_coeff: Tensor) -> Tensor:
         """``(B, K_id)``, ``(B, K_exp)`` -> ``(B, N, 3)`` un-posed shape in decimetres."""

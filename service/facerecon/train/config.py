@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from facerecon.config import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -79,9 +81,7 @@ SUPERVISION_SCALES = {"id": 0.9, "exp": 0.3, "tex": 0.8, "angle": 0.35, "gamma":
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def _rng(seed: int, step: int, stream: int) -> tuple[np.random.Generator, torch.Generator]:
