@@ -149,6 +149,9 @@ def test_page_in_chromium(live: str, tmp_path: Path) -> None:
     cmd = [node, str(DRIVER), live, str(EXAMPLES / PHOTO), str(tmp_path)]
     if with_set:
         cmd += ["--set", ",".join(map(str, set_photos))]
+    doubted = SHARED / "data" / "faces-train" / "cfp" / "images" / "001" / "profile" / "01.jpg"
+    if doubted.exists():  # a true profile whose landmarks the face mesh rates 0.26
+        cmd += ["--doubted", str(doubted)]
     if update:
         cmd += ["--screenshot", str(shot)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO)
@@ -171,6 +174,10 @@ def test_page_in_chromium(live: str, tmp_path: Path) -> None:
 
     # What the page says.
     assert result["status"].startswith("Done")
+    assert result["detectionWarningShown"] is False  # a confident frontal face: no warning
+    if doubted.exists():
+        assert "Unreliable detection" in result["doubted"]["warning"], result["doubted"]
+        assert "landmark confidence" in result["doubted"]["warning"] and not result["doubted"]["errorShown"]
     assert not result["errorShown"]
     for key in ("pitch", "yaw", "roll"):
         assert result["pose"][key].endswith("°"), result["pose"]

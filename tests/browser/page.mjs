@@ -1,6 +1,7 @@
 // Drive the facerecon page in Debian's chromium with playwright-core (from web/node_modules; never a downloaded
 // browser). Used by tests/test_page.py:
 //   node tests/browser/page.mjs BASE_URL PHOTO OUT_DIR [--screenshot PAGE.png] [--set A.jpg,B.jpg,...]
+//     [--doubted PROFILE.jpg]  (a photo whose face the detector flags as unreliable: the page must say so)
 // Writes into OUT_DIR: empty.png and face.png / shaded.png / orbited.png / reset.png (the viewer canvas before the
 // upload and after it), the four downloads (face.obj, face.glb, face.ply, face.json), set.png (the identity of a
 // set, with --set) and result.json (what the page showed).
@@ -15,7 +16,7 @@ const { chromium } = require("playwright-core");
 
 const { values: opts, positionals } = parseArgs({
   allowPositionals: true,
-  options: { screenshot: { type: "string" }, set: { type: "string" } },
+  options: { screenshot: { type: "string" }, set: { type: "string" }, doubted: { type: "string" } },
 });
 const [base, photo, out] = positionals;
 if (!base || !photo || !out) {
@@ -60,6 +61,7 @@ try {
   result.pose = Object.fromEntries(
     await Promise.all(["pitch", "yaw", "roll"].map(async (k) => [k, await page.textContent(`#${k}`)])));
   result.errorShown = await page.isVisible("#error");
+  result.detectionWarningShown = await page.isVisible("#detection-warning");
 
   // The shaded geometry, then back to the coloured mesh; orbit a little and reset.
   await page.click("#view-shaded");
@@ -108,6 +110,14 @@ try {
       poses: await page.locator("#photos-body tr td:nth-child(3)").allTextContents(),
       errorShown: await page.isVisible("#error"),
     };
+  }
+
+  // A face the detector doubts (a true profile the face mesh is unsure of): reconstructed, and the page says so.
+  if (opts.doubted) {
+    await page.setInputFiles("#photos", opts.doubted);
+    await page.waitForSelector("#detection-warning:not([hidden])");
+    await page.waitForFunction(() => document.querySelector("#status").textContent.startsWith("Done"));
+    result.doubted = { warning: await page.textContent("#detection-warning"), errorShown: await page.isVisible("#error") };
   }
 
   // An error: a text file is not a photo; the page shows the API's message (the failed request is expected).
