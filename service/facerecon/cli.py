@@ -12,6 +12,7 @@ from typing import Any
 from facerecon import __version__
 from facerecon.config import get_settings
 from facerecon.errors import FaceReconError
+from facerecon.formats import MESH_FORMATS, TEXTURE_CHOICES
 
 log = logging.getLogger("facerecon")
 
@@ -188,9 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--refine", dest="refine", action="store_true", default=None,
                     help="test-time fitting after R-Net (always on without an R-Net)")
     rc.add_argument("--no-refine", dest="refine", action="store_false")
-    rc.add_argument("--format", choices=["obj", "ply", "glb"], default="obj")
+    rc.add_argument("--format", choices=MESH_FORMATS, default="obj")
     rc.add_argument("--faces", choices=["largest", "all"], default="largest")
-    rc.add_argument("--texture", choices=["none", "photo", "albedo"], default="none",
+    rc.add_argument("--texture", choices=TEXTURE_CHOICES, default="none",
                     help="OBJ/GLB with a UV texture: the photo's colours or the fitted albedo")
     rc.set_defaults(func=_reconstruct)
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import io
 import zipfile
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import trimesh
 
-MeshFormat = Literal["obj", "ply", "glb"]
-TextureKind = Literal["photo", "albedo"]
+from facerecon.formats import MESH_FORMATS, TEXTURE_CHOICES, MeshFormat, TextureChoice, TextureKind  # noqa: F401
+
 #: File names of a textured OBJ bundle.
 OBJ_NAME, MTL_NAME, PNG_NAME, MATERIAL_NAME = "mesh.obj", "mesh.mtl", "texture.png", "face"
 MEDIA_TYPES: dict[str, str] = {"obj": "model/obj", "ply": "application/ply", "glb": "model/gltf-binary"}

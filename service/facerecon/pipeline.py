@@ -34,9 +34,9 @@ from facerecon.align import align_face
 from facerecon.coefficients import Coefficients
 from facerecon.config import Settings, get_settings, resolve_device
 from facerecon.decoder import DecodedFace, FaceDecoder
-from facerecon.detect import DetectedFace, FaceDetector, select_faces
+from facerecon.detect import DetectedFace, FaceDetector, Which, select_faces
 from facerecon.errors import ExportNotSupported, FaceReconError, NoFaceFound, TooManyImages
-from facerecon.export import MeshData, MeshFormat, TextureKind, export_mesh, textured_glb, textured_obj
+from facerecon.export import MeshData, MeshFormat, TextureChoice, TextureKind, export_mesh, textured_glb, textured_obj
 from facerecon.facemodel import FaceModel
 from facerecon.facemodel.registry import resolve
 from facerecon.fit import FitConfig, FitResult, FitTarget, fit
@@ -50,7 +50,6 @@ from facerecon.skin import REFERENCE_GMM, skin_attention
 
 log = logging.getLogger(__name__)
 
-Which = Literal["largest", "all"]
 
 __all__ = ["Estimate", "PreparedFace", "Reconstruction", "Reconstructor", "SetReconstruction", "prepare_face"]
 
@@ -360,7 +359,7 @@ class Reconstructor:
             return export_mesh(self.mesh(rec.decoded, uv=fmt == "obj"), fmt)
 
     def export_files(self, image: np.ndarray, rec: Reconstruction, fmt: MeshFormat,
-                     texture: Literal["none", "photo", "albedo"] = "none", size: int = 1024) -> dict[str, bytes]:
+                     texture: TextureChoice = "none", size: int = 1024) -> dict[str, bytes]:
         """Every mesh output, by one rule for the CLI, the API and batch jobs: ``{file name: bytes}``.
 
         ``texture="none"``: ``{"mesh.<fmt>"}``, per-vertex colours. ``texture="photo"|"albedo"``: a textured OBJ

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from facerecon.coefficients import CoefficientLayout
+from facerecon.export import MESH_FORMATS, MeshFormat, TextureChoice
 from facerecon.facemodel.format import FaceModelCard
 
 __all__ = [
@@ -40,10 +41,8 @@ __all__ = [
     "SetResponse",
 ]
 
-MeshFormat = Literal["obj", "glb", "ply"]
 OutputFormat = Literal["obj", "glb", "ply", "json", "png"]
 SetOutputFormat = Literal["json", "obj", "glb", "ply"]
-MESH_FORMATS: tuple[str, ...] = ("obj", "glb", "ply")
 Include = Literal["mesh", "overlay"]
 Point2 = Annotated[list[float], Field(min_length=2, max_length=2)]
 
@@ -95,7 +94,7 @@ class ReconstructOptions(BaseModel):
     include: list[Include] = Field(
         default_factory=list, description="JSON only: embed `mesh` and/or `overlay` (base64), e.g. `mesh,overlay`")
     mesh_format: MeshFormat = Field("obj", description="format of a mesh embedded in JSON (`include=mesh`)")
-    texture: Literal["none", "photo", "albedo"] = Field(
+    texture: TextureChoice = Field(
         "none", description="`obj`/`glb` only: a textured mesh, the `photo`'s colours or the fitted `albedo`, in a "
                             "UV texture (GLB: one file; OBJ: a zip of obj+mtl+png); `none` keeps vertex colours")
 

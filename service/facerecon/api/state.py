@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio
 import anyio.to_thread
@@ -29,7 +29,7 @@ from facerecon.imaging import load_image
 
 if TYPE_CHECKING:
     from facerecon.detect import DetectedFace, Which
-    from facerecon.export import MeshData, MeshFormat
+    from facerecon.export import MeshData, MeshFormat, TextureChoice
     from facerecon.results import Reconstruction, SetReconstruction
 
 log = logging.getLogger("facerecon.api")
@@ -53,7 +53,7 @@ class ReconstructorLike(Protocol):
     def export(self, rec: Reconstruction, fmt: MeshFormat) -> bytes: ...
 
     def export_files(self, image: np.ndarray, rec: Reconstruction, fmt: MeshFormat,
-                     texture: Literal["none", "photo", "albedo"] = ...) -> dict[str, bytes]: ...
+                     texture: TextureChoice = ...) -> dict[str, bytes]: ...
 
     def overlay(self, image: np.ndarray, rec: Reconstruction) -> np.ndarray: ...
 
