@@ -10,7 +10,8 @@ import sys
 SERVING = ("facerecon.api.app", "facerecon.pipeline", "facerecon.cli")
 #: Never on the serving path: the onnx package (export only), training, build-time ports, dlib, the TFLite parser.
 FORBIDDEN = ("onnx", "facerecon.train", "facerecon.nets.onnx_io", "facerecon.nets.checkpoint", "dlib", "tflite",
-             "ai_edge_litert", "facerecon.detect.tflite_onnx", "facerecon.detect.build", "facerecon.detect.dlib_hog")
+             "ai_edge_litert", "facerecon.detect.tflite_onnx", "facerecon.detect.build", "facerecon.detect.dlib_hog",
+             "ray", "pyarrow", "facerecon.batch.runner")
 
 
 def _loaded_after(*modules: str) -> list[str]:

@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="OBJ/GLB with a UV texture: the photo's colours or the fitted albedo")
     rc.set_defaults(func=_reconstruct)
 
+    from facerecon.batch.cli import add_batch_command
+
+    add_batch_command(sub)
+
     from facerecon.api.server import add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="run the HTTP service (settings: FACERECON_* variables)"))
