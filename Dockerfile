@@ -1,7 +1,9 @@
 # Two targets:
 #   docker build --target cpu -t facerecon:cpu .
 #   docker build --target gpu -t facerecon:gpu .      (CUDA, onnxruntime-gpu, nvdiffrast: non-commercial licence)
-# Both serve on port 8000 with the default face model shipped in models/.
+# Both serve on port 8000 with the default face model shipped in models/ict, as the non-root user `facerecon`. Only
+# the shipped model is copied (a converted Basel model in models/bfm stays out: see .dockerignore); mount your own
+# models folder at /app/models to serve another.
 
 # The page (service/facerecon/api/static): built once with node, copied into both images; no node at run time.
 FROM node:20-slim AS web
@@ -21,8 +23,10 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY --from=web /src/service/facerecon/api/static ./service/facerecon/api/static
 COPY client ./client
-COPY models ./models
-RUN pip install -e . && python -m facerecon.warmup
+COPY models/ict ./models/ict
+RUN pip install -e . && python -m facerecon.warmup \
+    && useradd --create-home --uid 10001 facerecon
+USER facerecon
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s CMD curl -fsS http://localhost:8000/readyz || exit 1
 CMD ["facerecon", "serve"]
@@ -41,8 +45,11 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY --from=web /src/service/facerecon/api/static ./service/facerecon/api/static
 COPY client ./client
-COPY models ./models
-RUN pip install -e ".[gpu]" && pip uninstall -y onnxruntime && pip install --force-reinstall onnxruntime-gpu
+COPY models/ict ./models/ict
+RUN pip install -e ".[gpu]" && pip uninstall -y onnxruntime && pip install --force-reinstall onnxruntime-gpu \
+    && useradd --create-home --uid 10001 facerecon && mkdir -p /app/.torch_extensions \
+    && chown facerecon /app/.torch_extensions
+USER facerecon
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=300s CMD curl -fsS http://localhost:8000/readyz || exit 1
 CMD ["facerecon", "serve"]
