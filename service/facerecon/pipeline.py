@@ -40,6 +40,7 @@ from facerecon.export import MeshData, MeshFormat, TextureChoice, TextureKind, e
 from facerecon.facemodel import FaceModel
 from facerecon.facemodel.registry import resolve
 from facerecon.fit import FitConfig, FitResult, FitTarget, fit
+from facerecon.formats import TEXTURED_FORMATS
 from facerecon.nets.cnet import aggregate_set
 from facerecon.nets.runtime import OnnxNet, check_pair
 from facerecon.render import get_renderer
@@ -223,7 +224,7 @@ class Reconstructor:
         with self._lock:
             if mode != "fit":
                 with _timed(timings, "rnet"):
-                    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0).numpy()
+                    x = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
                     out = self.rnet.run(x)  # type: ignore[union-attr]
                     init = Coefficients.from_vector(torch.from_numpy(out["coeffs"]).to(self.device), self.model.layout)
                 if share_identity:
@@ -370,19 +371,20 @@ class Reconstructor:
         """
         if texture == "none":
             return {f"mesh.{fmt}": self.export(rec, fmt)}
-        if fmt not in ("obj", "glb"):
+        if fmt not in TEXTURED_FORMATS:
             raise ExportNotSupported(f"texture={texture} needs format=obj or glb, not {fmt}", field="texture")
         if not self.model.has_uvs:
             raise ExportNotSupported(f"the face model {self.model.name!r} has no UVs: texture={texture} is not "
                                      "available (use texture=none for per-vertex colours)", field="texture")
-        return self.export_textured(image, rec, fmt, texture, size=size)  # type: ignore[arg-type]
+        return self._export_textured(image, rec, fmt, texture, size=size)  # type: ignore[arg-type]
 
-    def export_textured(self, image: np.ndarray, rec: Reconstruction, fmt: Literal["obj", "glb"],
+    def _export_textured(self, image: np.ndarray, rec: Reconstruction, fmt: Literal["obj", "glb"],
                         kind: TextureKind = "photo", size: int = 1024) -> dict[str, bytes]:
         """A textured mesh: ``{"mesh.obj", "mesh.mtl", "texture.png"}`` for OBJ, ``{"mesh.glb"}`` for GLB.
 
         ``kind="photo"``: the photo's colours sampled into the UV map where visible (mirrored/filled elsewhere);
-        ``"albedo"``: the fitted model's de-lit albedo. Needs a face model with UVs (:meth:`export_files` checks).
+        ``"albedo"``: the fitted model's de-lit albedo. Needs a face model with UVs (:meth:`export_files` checks
+        that, and is the entry point).
         """
         from facerecon.texture import make_texture
 

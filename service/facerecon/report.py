@@ -35,13 +35,12 @@ def face_result(rec: Reconstruction, index: int = 0, *, expression_names: Sequen
     coeffs = rec.coefficients.to_dict()
     names = list(expression_names)
     exp = coeffs["exp"]
-    d = rec.face.to_dict()
     return FaceResult(
         index=index,
         mode=rec.mode,
         box=[float(v) for v in rec.face.box],
         score=float(rec.face.score),
-        detection=DetectionOut.of(d),
+        detection=DetectionOut.of(rec.face),
         coefficients=CoefficientsOut(**coeffs),
         expressions=dict(zip(names, exp, strict=True)) if names and len(names) == len(exp) else None,
         pose_degrees=Pose(**rec.pose_degrees()),

@@ -35,6 +35,7 @@ from facerecon.api.schemas import (
 from facerecon.api.state import ServiceState
 from facerecon.config import Settings
 from facerecon.errors import InputError, TooManyImages
+from facerecon.formats import TEXTURED_FORMATS
 from facerecon.imaging import decode_image
 
 log = logging.getLogger("facerecon.api")
@@ -147,7 +148,7 @@ def build_router(settings: Settings) -> APIRouter:
         timings["read"] = (time.perf_counter() - t_start) * 1000.0
         opts = parse_options(ReconstructOptions, form.fields)
         fmt = opts.format or negotiate(request.headers.get("accept"), ("obj", "glb", "ply", "json", "png"), "obj")
-        if opts.texture != "none" and fmt not in ("obj", "glb"):
+        if opts.texture != "none" and fmt not in TEXTURED_FORMATS:  # refused before any work (export_files too)
             raise RequestValidationFailed(
                 f"texture={opts.texture} needs format=obj or glb, not {fmt}",
                 **field_error("texture", "a texture needs the obj or glb format", "texture_format"))

@@ -9,13 +9,16 @@ degrees in the responses (the coefficient vector keeps the model's radians). Mes
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from facerecon.coefficients import CoefficientLayout
-from facerecon.export import MESH_FORMATS, MeshFormat, TextureChoice
 from facerecon.facemodel.format import FaceModelCard
+from facerecon.formats import MESH_FORMATS, MeshFormat, TextureChoice
+
+if TYPE_CHECKING:
+    from facerecon.detect.face import DetectedFace
 
 __all__ = [
     "MESH_FORMATS",
@@ -180,9 +183,10 @@ class DetectionOut(BaseModel):
     pose_estimate: Pose | None = Field(None, description="head pose from the detector's 3D landmarks, degrees")
 
     @classmethod
-    def of(cls, d: dict) -> DetectionOut:
-        return cls(score=d["score"], landmark_score=d["landmark_score"], reliable=d["reliable"],
-                   warnings=d["warnings"], pose_estimate=d.get("pose_estimate"))
+    def of(cls, face: DetectedFace) -> DetectionOut:
+        pose = None if face.pose is None else Pose(**dict(zip(("pitch", "yaw", "roll"), face.pose, strict=True)))
+        return cls(score=face.score, landmark_score=face.landmark_score, reliable=face.reliable,
+                   warnings=face.warnings, pose_estimate=pose)
 
 
 class FaceResult(BaseModel):

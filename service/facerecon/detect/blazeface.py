@@ -91,6 +91,11 @@ class Detections:
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
+    def shifted(self, dx: float, dy: float) -> Detections:
+        """The same detections moved by ``(dx, dy)`` pixels (e.g. from a tile or canvas into the photo)."""
+        d = np.array([dx, dy], np.float32)
+        return Detections((self.boxes.reshape(-1, 2, 2) + d).reshape(-1, 4), self.keypoints + d, self.scores)
+
     @staticmethod
     def concat(parts: list[Detections]) -> Detections:
         if not parts:
@@ -195,12 +200,14 @@ class BlazeFace:
         """Every face in ``image`` (whole image letterboxed into the input), in photo pixels (continuous)."""
         tensor, scale, px, py = self.letterbox(image)
         reg, logits = self.run(tensor[None])
-        det = self.decode(reg[0], logits[0], min_score)
-        w, h = image.size
+        return self.to_photo(self.decode(reg[0], logits[0], min_score), image.size, scale, px, py)
+
+    def to_photo(self, det: Detections, size: tuple[int, int], scale: float, px: float, py: float) -> Detections:
+        """Detections in input pixels -> the pixels of the ``size = (w, h)`` image that :meth:`letterbox` gave
+        ``(scale, px, py)`` for (the resized content spans a whole number of input pixels: per-axis scales)."""
+        w, h = size
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        sx, sy = nw / w, nh / h
+        sc = np.array([nw / w, nh / h], np.float32)
         off = np.array([px, py], np.float32)
-        sc = np.array([sx, sy], np.float32)
         boxes = ((det.boxes.reshape(-1, 2, 2) - off) / sc).reshape(-1, 4)
-        kps = (det.keypoints - off) / sc
-        return Detections(boxes.astype(np.float32), kps.astype(np.float32), det.scores)
+        return Detections(boxes.astype(np.float32), ((det.keypoints - off) / sc).astype(np.float32), det.scores)

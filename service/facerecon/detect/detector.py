@@ -119,7 +119,8 @@ class FaceDetector:
             parts.append(self.full.detect(image, self.min_score))
         if self.tile_above and side > self.tile_above:
             parts.extend(self._tiles(image))
-        det = parts[0] if len(parts) == 1 else _merge(Detections.concat(parts))
+        # boxes of several passes: the best-scoring box of each overlapping group, weighted as MediaPipe does
+        det = parts[0] if len(parts) == 1 else weighted_nms(Detections.concat(parts))
         if len(det) == 0 and self.zoom_out > 1:
             det = self._zoomed_out(image)
         return det
@@ -132,11 +133,7 @@ class FaceDetector:
         ox, oy = (cw - w) // 2, (ch - h) // 2
         canvas = Image.new("RGB", (cw, ch))
         canvas.paste(image, (ox, oy))
-        det = self.short.detect(canvas, self.min_score)
-        off = np.array([ox, oy], np.float32)
-        return Detections(
-            (det.boxes.reshape(-1, 2, 2) - off).reshape(-1, 4), det.keypoints - off, det.scores
-        )
+        return self.short.detect(canvas, self.min_score).shifted(-ox, -oy)
 
     def _tiles(self, image: Image.Image) -> list[Detections]:
         """Full range on overlapping ``tile`` px tiles (overlap a quarter), batched through the network."""
@@ -154,17 +151,10 @@ class FaceDetector:
         for start in range(0, len(tensors), 16):
             reg, logits = self.full.run(np.stack(tensors[start : start + 16]))
             for j in range(reg.shape[0]):
-                x0, y0, (tw, th), scale, px, py = offsets[start + j]
+                x0, y0, size, scale, px, py = offsets[start + j]
                 det = self.full.decode(reg[j], logits[j], self.min_score)
-                if len(det) == 0:
-                    continue
-                nw, nh = max(1, round(tw * scale)), max(1, round(th * scale))
-                sc = np.array([nw / tw, nh / th], np.float32)
-                off = np.array([px, py], np.float32)
-                shift = np.array([x0, y0], np.float32)
-                b = ((det.boxes.reshape(-1, 2, 2) - off) / sc + shift).reshape(-1, 4)
-                k = (det.keypoints - off) / sc + shift
-                out.append(Detections(b.astype(np.float32), k.astype(np.float32), det.scores))
+                if len(det):
+                    out.append(self.full.to_photo(det, size, scale, px, py).shifted(x0, y0))
         return out
 
     def _verified(self, image: Image.Image, box: np.ndarray) -> bool:
@@ -290,6 +280,3 @@ def _starts(length: int, tile: int, step: int) -> list[int]:
     return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
-def _merge(det: Detections, iou: float = 0.3) -> Detections:
-    """Boxes of several passes: keep the best-scoring box of each overlapping group (weighted as MediaPipe)."""
-    return weighted_nms(det, iou)

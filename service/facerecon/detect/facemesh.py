@@ -11,7 +11,7 @@ points (their box in the rotated frame, times 1.5, rotation from the outer eye c
 MediaPipe tracks a face from frame to frame and, on one photo, tightens a detector box that is off at large yaw.
 
 68 iBUG points: each is a fixed convex combination of at most 4 mesh points (``mesh_to_ibug68.json`` beside the
-networks), derived by :func:`derive_ibug68_map` (non-negative least squares, weights summing to one, on the
+networks), derived by ``eval.derive_ibug68`` (non-negative least squares, weights summing to one, on the
 manual 300-W annotations of the HELEN training photos) and checked on AFW + HELEN test photos that were not used
 (``python -m eval.detection``). Because the mesh is 3D-aware, on a turned face the points of the hidden side sit
 where that side is, behind the nose; the 300-W convention instead follows the visible jaw contour, so the jaw
@@ -34,7 +34,7 @@ from PIL import Image
 from facerecon.detect.blazeface import ASSETS
 from facerecon.nets.session import Device, make_session
 
-__all__ = ["FaceMesh", "Roi", "derive_ibug68_map", "estimate_pose", "ibug68_map", "mesh_to_ibug68"]
+__all__ = ["FaceMesh", "Roi", "estimate_pose", "ibug68_map", "mesh_to_ibug68"]
 
 INPUT = 192
 ROI_SCALE = 1.5  # MediaPipe face_detection_front_detection_to_roi / face_landmark_landmarks_to_roi
@@ -163,51 +163,6 @@ def mesh_to_ibug68(points: np.ndarray) -> np.ndarray:
     """``(..., 468, D)`` mesh points -> ``(..., 68, D)`` iBUG points by the shipped correspondence."""
     idx, w = ibug68_map()
     return (points[..., idx, :] * w[..., None]).sum(axis=-2)
-
-
-def derive_ibug68_map(
-    mesh: np.ndarray, truth: np.ndarray, norm: np.ndarray, *, candidates: int = 12, k: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fit the 468 -> 68 correspondence to annotated photos.
-
-    For every iBUG point, the ``candidates`` mesh points nearest to it on average (after normalising each face by
-    ``norm``) are tried; non-negative least squares with the weights summing to one (a heavily weighted sum row)
-    gives a convex combination; the ``k`` largest weights are kept and refitted.
-
-    Args:
-        mesh: ``(F, 468, 2)`` mesh points of F faces (photo px).
-        truth: ``(F, 68, 2)`` annotated points (same frame).
-        norm: ``(F,)`` a size per face (e.g. sqrt of the annotation box area), so each face counts equally.
-
-    Returns:
-        ``indices (68, k)``, ``weights (68, k)``.
-    """
-    from scipy.optimize import nnls
-
-    mesh = mesh / norm[:, None, None]
-    truth = truth / norm[:, None, None]
-    idx_out = np.zeros((68, k), np.int64)
-    w_out = np.zeros((68, k), np.float32)
-
-    def solve(cols: np.ndarray, j: int) -> np.ndarray:
-        a = mesh[:, cols, :].transpose(0, 2, 1).reshape(-1, len(cols))  # (F*2, C)
-        b = truth[:, j, :].reshape(-1)
-        big = 1e3
-        a = np.vstack([a, big * np.ones((1, len(cols)))])
-        b = np.concatenate([b, [big]])
-        w, _ = nnls(a, b)
-        return w / max(w.sum(), 1e-12)
-
-    for j in range(68):
-        dist = np.linalg.norm(mesh - truth[:, j : j + 1, :], axis=2).mean(axis=0)
-        cols = np.argsort(dist)[:candidates]
-        w = solve(cols, j)
-        top = np.argsort(-w)[:k]
-        cols = cols[top]
-        w = solve(cols, j)
-        order = np.argsort(-w)
-        idx_out[j], w_out[j] = cols[order], w[order]
-    return idx_out, w_out
 
 
 def estimate_pose(points: np.ndarray) -> tuple[float, float, float]:

@@ -30,7 +30,8 @@ from facerecon.coefficients import BFM_LAYOUT
 from facerecon.errors import ModelFileError
 from facerecon.facemodel.format import sha256_file
 from facerecon.facemodel.registry import FACE_MODEL_FILE
-from facerecon.nets.onnx_io import CardInfo, FaceModelRef, NetworkProvenance, export_rnet, face_model_ref
+from facerecon.nets.cards import CardInfo, FaceModelRef, NetworkProvenance, face_model_ref
+from facerecon.nets.onnx_io import export_rnet
 from facerecon.nets.rnet import ReconNet, head_sizes
 
 __all__ = [

@@ -45,41 +45,16 @@ from facerecon.facemodel.format import sha256_file
 from facerecon.nets.cards import (
     CARD_METADATA_KEY,
     INPUT_SIZE,
-    NETWORK_FORMAT_VERSION,
     OPSET,
     CardInfo,
-    FaceModelRef,
-    ImageSpec,
     NetworkCard,
-    NetworkProvenance,
     OnnxInfo,
     TensorSpec,
-    card_summary,
-    face_model_layout,
-    face_model_ref,
-    read_network_card,
 )
 from facerecon.nets.cnet import ConfidenceNet
 from facerecon.nets.rnet import ReconNet
 
-__all__ = [
-    "CARD_METADATA_KEY",
-    "NETWORK_FORMAT_VERSION",
-    "CardInfo",
-    "FaceModelRef",
-    "ImageSpec",
-    "NetworkCard",
-    "NetworkProvenance",
-    "OnnxInfo",
-    "TensorSpec",
-    "card_summary",
-    "export_cnet",
-    "export_rnet",
-    "face_model_layout",
-    "face_model_ref",
-    "read_embedded_card",
-    "read_network_card",
-]
+__all__ = ["export_cnet", "export_rnet", "read_embedded_card"]
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=nn.Module)

@@ -59,7 +59,7 @@ class OnnxNet:
         allow_spinning: let idle intra-op threads spin (lower latency for one caller, wasted CPU for many).
 
     Attributes:
-        card: the validated :class:`~facerecon.nets.onnx_io.NetworkCard`; path: the onnx file;
+        card: the validated :class:`~facerecon.nets.cards.NetworkCard`; path: the onnx file;
         providers: the execution providers in use; input_names / output_names: as in the card.
     """
 

@@ -9,14 +9,8 @@ import logging
 from pathlib import Path
 
 from facerecon.facemodel.registry import resolve
-from facerecon.nets.onnx_io import (
-    CardInfo,
-    NetworkCard,
-    NetworkProvenance,
-    export_cnet,
-    export_rnet,
-    face_model_ref,
-)
+from facerecon.nets.cards import CardInfo, NetworkCard, NetworkProvenance, face_model_ref
+from facerecon.nets.onnx_io import export_cnet, export_rnet
 from facerecon.nets.runtime import compress_network
 from facerecon.train.loop import CNET_CHECKPOINT, load_cnet, load_rnet
 
