@@ -324,3 +324,81 @@ def test_mangled_files_only_raise_typed_errors(fmt: str) -> None:
         except (ImageDecodeError, UnsupportedImageType, ImageTooLarge):
             continue
         assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a valid signature over a broken header (issue #18 item 8), downscaling at decode time (issue #19)
+
+
+def test_jpeg_with_broken_tables_is_corrupt_not_unsupported() -> None:
+    """A JPEG whose quantisation table is garbage: Pillow cannot even identify it, but the bytes start as a JPEG,
+    so it is a corrupt image (400), not "not an image" (415)."""
+    data = bytearray(_encode(Image.fromarray(_test_rgb(80, 60)), "JPEG"))
+    at = data.find(b"\xff\xdb")
+    data[at + 4:at + 40] = b"\xff" * 36
+    with pytest.raises(ImageDecodeError):
+        _decode(bytes(data))
+    png = _encode(Image.fromarray(_test_rgb()), "PNG")
+    with pytest.raises(ImageDecodeError):  # a PNG signature over a mangled IHDR
+        _decode(png[:12] + b"\x00" * 20 + png[32:])
+
+
+def test_downscaled_at_decode_time_with_the_original_size() -> None:
+    from facerecon.imaging import decode_photo
+
+    rgb = _test_rgb(640, 480)
+    for fmt in ("JPEG", "PNG", "WEBP", "BMP"):
+        photo = decode_photo(_encode(Image.fromarray(rgb), fmt), **LIMITS, max_decoded_pixels=100_000)
+        h, w = photo.image.shape[:2]
+        assert w * h <= 100_000 and photo.original_size == (640, 480), fmt
+        assert (w, h) == (320, 240), fmt  # the smallest integer factor that fits: 2
+        assert photo.scale == 0.5
+        ref = np.asarray(Image.fromarray(rgb).reduce(2), np.float32)
+        assert np.abs(photo.image.astype(np.float32) - ref).mean() < 8, fmt  # the same picture, smaller
+    small = decode_photo(_encode(Image.fromarray(rgb), "PNG"), **LIMITS, max_decoded_pixels=640 * 480)
+    assert small.image.shape == (480, 640, 3) and small.scale == 1.0
+
+
+def test_large_jpeg_is_never_decoded_at_full_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libjpeg decodes at 1/8 scale (``draft``): the full-size image is never allocated."""
+    from facerecon.imaging import decode_photo, probe_image
+
+    data = _encode(Image.fromarray(np.zeros((4000, 6000, 3), np.uint8)), "JPEG", quality=50)
+    sizes: list[tuple[int, int]] = []
+    original = ImageFile.ImageFile.load
+
+    def spy(self: ImageFile.ImageFile):  # type: ignore[no-untyped-def]
+        sizes.append(self.size)
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    photo = decode_photo(data, **LIMITS, max_decoded_pixels=1_000_000)
+    assert set(sizes) == {(1500, 1000)}  # drafted to 1/4 before any pixel was decoded
+    assert photo.image.shape == (800, 1200, 3) and photo.original_size == (6000, 4000)
+    probe = probe_image(data, **LIMITS, max_decoded_pixels=1_000_000)
+    assert probe.scale_factor == 5 and probe.decoded_size == (1200, 800)
+    assert probe.decode_bytes < 4 * 1500 * 1000 + 12 * 1200 * 800  # the drafted image, not 24 MP
+    assert probe_image(data, **LIMITS).decode_bytes > 4 * 6000 * 4000  # undrafted: the full size
+
+
+def test_downscale_keeps_exif_orientation_and_reports_the_upright_size() -> None:
+    from facerecon.imaging import decode_photo
+
+    rgb = _test_rgb(400, 200)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = _encode(Image.fromarray(rgb), "JPEG", quality=95, exif=exif.tobytes())
+    full = decode_photo(data, **LIMITS)
+    small = decode_photo(data, **LIMITS, max_decoded_pixels=20_000)
+    assert full.image.shape == (400, 200, 3) and full.original_size == (200, 400)
+    assert small.original_size == (200, 400) and small.image.shape == (200, 100, 3)
+
+
+@pytest.mark.parametrize("mode", ["1", "P", "I;16", "RGBA", "LA"])
+def test_downscale_every_mode(mode: str) -> None:
+    from facerecon.imaging import decode_photo
+
+    im = Image.fromarray(_test_rgb(300, 200)).convert("L").convert(mode)
+    fmt = "TIFF" if mode == "I;16" else "PNG"
+    photo = decode_photo(_encode(im, fmt), **LIMITS, max_decoded_pixels=10_000)
+    assert photo.image.dtype == np.uint8 and photo.image.shape == (67, 100, 3) and photo.original_size == (300, 200)

@@ -9,19 +9,28 @@ What it does, in order:
 1. **Byte limit**: more than ``max_bytes`` bytes -> :class:`~facerecon.errors.ImageTooLarge`; zero bytes ->
    :class:`~facerecon.errors.UnsupportedImageType`.
 2. **Format**: only the formats in :data:`SUPPORTED_FORMATS` are tried (JPEG incl. MPO, PNG, WebP, BMP, TIFF,
-   GIF, PPM/PGM); anything else (or random bytes) -> :class:`~facerecon.errors.UnsupportedImageType`.
+   GIF, PPM/PGM); anything else (or random bytes) -> :class:`~facerecon.errors.UnsupportedImageType`. Bytes that
+   start with one of those formats' signatures but whose header Pillow cannot parse (a JPEG with broken tables)
+   are a corrupt image (:class:`~facerecon.errors.ImageDecodeError`), not "not an image".
 3. **Pixel limit before decoding** (decompression bombs): ``Image.open`` only parses the header; its declared
    ``width * height`` is checked against ``max_pixels`` before any pixel is decoded. Pillow's own guard
    (``Image.MAX_IMAGE_PIXELS``) is set to the same limit and its ``DecompressionBombWarning`` is escalated
    to an error while we decode, so both layers agree; both end as :class:`~facerecon.errors.ImageTooLarge`.
-4. **Full decode** with ``.load()``; ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept ``False`` so a truncated
+4. **Downscaling at decode time** (``max_decoded_pixels``, optional): a photo over that many pixels is decoded
+   at a reduced size, by the smallest integer factor that fits. JPEG is decoded reduced by libjpeg itself
+   (``Image.draft``: 1/2, 1/4 or 1/8 scale, so a large JPEG never exists at full size in memory), then
+   ``Image.reduce`` for the rest; other formats are decoded in full, reduced at once and the full-size copy
+   dropped. :func:`probe_image` tells, from the header alone, how large the decode will be
+   (:attr:`ImageProbe.decode_bytes`), so a caller can bound the memory of decodes in flight.
+5. **Full decode** with ``.load()``; ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept ``False`` so a truncated
    file is an error (:class:`~facerecon.errors.ImageDecodeError`), never silently grey-filled. Multi-frame
    files (GIF, TIFF, animated WebP/PNG, MPO) give their first frame.
-5. **EXIF orientation** is applied (``ImageOps.exif_transpose``), so phone photos come out upright. The
+6. **EXIF orientation** is applied (the transposes of ``ImageOps.exif_transpose``, read from the opened file, so
+   they apply to a downscaled decode too), so phone photos come out upright. The
    reference pipeline does *not* do this (reference.md section 16, pitfall 8); for photos without an
    orientation tag (all reference examples) the result is identical. A corrupt EXIF block is logged and
    ignored (the pixels are fine).
-6. **Mode conversion to 8-bit RGB**:
+7. **Mode conversion to 8-bit RGB**:
 
    * ``RGB``: unchanged. ``L``, ``1``, ``P`` (no transparency), ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``:
      Pillow's ``convert("RGB")``.
@@ -47,12 +56,14 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from facerecon.errors import ImageDecodeError, ImageTooLarge, UnsupportedImageType
 
@@ -60,8 +71,12 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
     "SUPPORTED_FORMATS",
+    "DecodedPhoto",
+    "ImageProbe",
     "decode_image",
+    "decode_photo",
     "load_image",
+    "probe_image",
     "to_rgb8",
 ]
 
@@ -77,14 +92,120 @@ DEFAULT_MAX_PIXELS = 50_000_000
 
 _WHITE = (255, 255, 255)
 
+#: The first bytes of each supported format: a file that starts so but does not parse is corrupt, not "not an image".
+_SIGNATURES: tuple[tuple[int, bytes], ...] = (
+    (0, b"\xff\xd8\xff"),  # JPEG (SOI + the next marker)
+    (0, b"\x89PNG\r\n\x1a\n"),
+    (0, b"GIF87a"), (0, b"GIF89a"),
+    (0, b"II*\x00"), (0, b"MM\x00*"),  # TIFF
+    (8, b"WEBP"),  # after RIFF + length
+    (0, b"BM"),
+)
+#: Bytes per pixel of Pillow's in-memory storage by mode (RGB is stored in 4 bytes, as RGBX).
+_STORAGE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+#: Modes ``Image.reduce`` does not take: converted first (full size, counted in the estimate).
+_REDUCE_VIA = {"1": "L", "I;16": "I", "I;16B": "I", "I;16L": "I", "I;16N": "I"}
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+
+@dataclass(frozen=True)
+class ImageProbe:
+    """What an image's header says, before any pixel is decoded (:func:`probe_image`)."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    #: the factor the decode will reduce by (1 = full size) under the probe's ``max_decoded_pixels``
+    scale_factor: int
+    #: an upper estimate of the bytes the decode allocates at its peak (Pillow's full-size or drafted image, a
+    #: converted copy when the mode needs one, the reduced image and the returned array)
+    decode_bytes: int
+
+    @property
+    def decoded_size(self) -> tuple[int, int]:
+        f = self.scale_factor
+        return -(-self.width // f), -(-self.height // f)
+
+
+@dataclass(frozen=True)
+class DecodedPhoto:
+    """A decoded photo (:func:`decode_photo`): the pixels and the size the file declared."""
+
+    image: np.ndarray
+    #: (width, height) of the photo as stored in the file, after EXIF rotation
+    original_size: tuple[int, int]
+
+    @property
+    def scale(self) -> float:
+        """Decoded pixels per original pixel (1.0 when the photo was not downscaled)."""
+        return float(self.image.shape[1]) / float(self.original_size[0])
+
+
+def _reduction(width: int, height: int, max_decoded_pixels: int | None) -> int:
+    """The smallest integer factor ``f`` with ``ceil(w / f) * ceil(h / f) <= max_decoded_pixels``."""
+    if max_decoded_pixels is None or width * height <= max_decoded_pixels:
+        return 1
+    f = max(1, math.floor(math.sqrt(width * height / max_decoded_pixels)))
+    while -(-width // f) * -(-height // f) > max_decoded_pixels:
+        f += 1
+    return f
+
+
+def _jpeg_draft_scale(factor: int) -> int:
+    """The libjpeg scale (1, 2, 4, 8) ``Image.draft`` picks for an overall reduction by ``factor``."""
+    scale = 1
+    while scale * 2 <= min(factor, 8):
+        scale *= 2
+    return scale
+
+
+def _estimate(fmt: str, width: int, height: int, mode: str, factor: int) -> int:
+    first = _jpeg_draft_scale(factor) if fmt in ("JPEG", "MPO") else 1
+    full = -(-width // first) * -(-height // first)
+    per_px = _STORAGE_BYTES.get(mode, 4)
+    converted = full * 4 if mode in _REDUCE_VIA and factor > 1 else 0
+    out = -(-width // factor) * -(-height // factor)
+    # the decoded (or drafted) image, a converted copy, the reduced image (4 B/px), the RGB array and a conversion
+    return full * per_px + converted + out * (4 + 3 + 4)
+
+
+def probe_image(data: bytes, *, max_bytes: int, max_pixels: int, max_decoded_pixels: int | None = None
+                ) -> ImageProbe:
+    """Parse only the header of untrusted image bytes: format, size, mode and what decoding them will cost.
+
+    Raises the same typed errors as :func:`decode_image` for what the header alone shows (too many bytes or
+    pixels, not an image, a corrupt header).
+    """
+    _check_bytes(data, max_bytes)
+    _configure_pillow_guard(max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with _open(data) as im:
+                _check_pixels(im.size, max_pixels)
+                w, h = im.size
+                fmt, mode = str(im.format), im.mode
+    except (ImageTooLarge, UnsupportedImageType, ImageDecodeError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"image has too many pixels (limit {max_pixels})", max_pixels=max_pixels) from exc
+    except Exception as exc:
+        raise ImageDecodeError(f"corrupt image header: {exc}", reason=type(exc).__name__) from exc
+    factor = _reduction(w, h, max_decoded_pixels)
+    return ImageProbe(format=fmt, width=w, height=h, mode=mode, scale_factor=factor,
+                      decode_bytes=_estimate(fmt, w, h, mode, factor))
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, max_decoded_pixels: int | None = None
+                 ) -> np.ndarray:
     """Decode untrusted image bytes to an upright 8-bit RGB array.
 
     Args:
         data: the encoded file (JPEG, PNG, WebP, BMP, TIFF, GIF, PPM; see :data:`SUPPORTED_FORMATS`).
         max_bytes: largest accepted ``len(data)``.
         max_pixels: largest accepted ``width * height``, checked on the declared header size before decoding.
+        max_decoded_pixels: decode a larger photo downscaled by the smallest integer factor that fits (None:
+            always full size; :func:`decode_photo` also returns the original size).
 
     Returns:
         ``(H, W, 3) uint8`` RGB, C-contiguous, writable; row 0 is the top of the (EXIF-rotated) photo, so
@@ -96,32 +217,32 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> np.ndarray:
         UnsupportedImageType: empty input, or bytes that are not an image of a supported format.
         ImageDecodeError: a recognised image that is truncated or corrupt.
     """
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise TypeError(f"data must be bytes, got {type(data).__name__}")
-    n_bytes = len(data)
-    if n_bytes == 0:
-        raise UnsupportedImageType("empty upload: zero bytes", n_bytes=0)
-    if n_bytes > max_bytes:
-        raise ImageTooLarge(
-            f"image is {n_bytes} bytes, the limit is {max_bytes}", n_bytes=n_bytes, max_bytes=max_bytes
-        )
+    return decode_photo(data, max_bytes=max_bytes, max_pixels=max_pixels,
+                        max_decoded_pixels=max_decoded_pixels).image
+
+
+def decode_photo(data: bytes, *, max_bytes: int, max_pixels: int, max_decoded_pixels: int | None = None
+                 ) -> DecodedPhoto:
+    """:func:`decode_image`, also returning the photo's original (EXIF-rotated) size."""
+    n_bytes = _check_bytes(data, max_bytes)
     _configure_pillow_guard(max_pixels)
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                im = Image.open(io.BytesIO(bytes(data)), formats=_available_formats())
-            except UnidentifiedImageError as exc:
-                raise UnsupportedImageType(
-                    "not an image of a supported format", supported=list(SUPPORTED_FORMATS)
-                ) from exc
-            with im:
-                _check_pixels(im.size, max_pixels)
-                fmt = im.format
-                im.load()  # decode every pixel now: truncation and corruption surface here
-                _check_pixels(im.size, max_pixels)  # a few plugins settle the size at load time
-                im = _apply_exif_orientation(im)
+            with _open(data) as opened:
+                _check_pixels(opened.size, max_pixels)
+                fmt = opened.format
+                w0, h0 = opened.size
+                factor = _reduction(w0, h0, max_decoded_pixels)
+                if factor > 1 and fmt in ("JPEG", "MPO"):
+                    # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly (the full-size image never exists)
+                    opened.draft(None, (-(-w0 // factor), -(-h0 // factor)))
+                opened.load()  # decode every pixel now: truncation and corruption surface here
+                _check_pixels(opened.size, max_pixels)  # a few plugins settle the size at load time
+                im = _reduce_to(opened, -(-w0 // factor), -(-h0 // factor)) if factor > 1 else opened
+                orientation = _orientation(opened)
+                im = _transpose(im, orientation)
                 arr = to_rgb8(im)
     except (ImageTooLarge, UnsupportedImageType, ImageDecodeError):
         raise
@@ -131,8 +252,9 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> np.ndarray:
         raise ImageTooLarge("not enough memory to decode the image", max_pixels=max_pixels) from exc
     except Exception as exc:  # any Pillow/codec failure on a recognised header: corrupt or truncated
         raise ImageDecodeError(f"corrupt or truncated image: {exc}", reason=type(exc).__name__) from exc
-    logger.debug("decoded %s image %dx%d from %d bytes", fmt, arr.shape[1], arr.shape[0], n_bytes)
-    return arr
+    size = (h0, w0) if orientation in _SWAPS_AXES else (w0, h0)
+    logger.debug("decoded %s image %dx%d (of %dx%d) from %d bytes", fmt, arr.shape[1], arr.shape[0], *size, n_bytes)
+    return DecodedPhoto(image=arr, original_size=size)
 
 
 def load_image(
@@ -185,13 +307,70 @@ def _high_depth_grey_to_rgb8(im: Image.Image) -> np.ndarray:
     return np.repeat(g8[:, :, None], 3, axis=2)
 
 
-def _apply_exif_orientation(im: Image.Image) -> Image.Image:
+#: EXIF orientation -> the transpose that makes the photo upright (as ``ImageOps.exif_transpose``).
+_TRANSPOSES = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_90}
+_SWAPS_AXES = frozenset((5, 6, 7, 8))
+
+
+def _orientation(source: Image.Image) -> int:
+    """The EXIF orientation tag of the opened file (1 when absent or unreadable)."""
     try:
-        out = ImageOps.exif_transpose(im)
+        value = source.getexif().get(0x0112, 1)
+        return int(value) if int(value) in _TRANSPOSES else 1
     except Exception:  # a malformed EXIF block must not fail an otherwise good photo
         logger.warning("ignoring unreadable EXIF orientation", exc_info=True)
+        return 1
+
+
+def _transpose(im: Image.Image, orientation: int) -> Image.Image:
+    method = _TRANSPOSES.get(orientation)
+    return im if method is None else im.transpose(method)
+
+
+def _reduce_to(im: Image.Image, width: int, height: int) -> Image.Image:
+    """``im`` reduced to ``width x height`` (box filter): ``Image.reduce`` by an integer factor, or a box resize
+    from a JPEG drafted to a libjpeg scale; the larger image is freed."""
+    if im.size == (width, height):
         return im
-    return im if out is None else out
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode in _REDUCE_VIA:
+        im = im.convert(_REDUCE_VIA[im.mode])
+    factor = -(-im.width // width)
+    if -(-im.width // factor) == width and -(-im.height // factor) == height:
+        return im.reduce(factor)
+    return im.resize((width, height), Image.Resampling.BOX)
+
+
+def _check_bytes(data: bytes, max_bytes: int) -> int:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    n_bytes = len(data)
+    if n_bytes == 0:
+        raise UnsupportedImageType("empty upload: zero bytes", n_bytes=0)
+    if n_bytes > max_bytes:
+        raise ImageTooLarge(
+            f"image is {n_bytes} bytes, the limit is {max_bytes}", n_bytes=n_bytes, max_bytes=max_bytes
+        )
+    return n_bytes
+
+
+def _open(data: bytes) -> Image.Image:
+    """``Image.open`` over the accepted formats; bytes with a known signature that do not parse are corrupt."""
+    try:
+        return Image.open(io.BytesIO(data), formats=_available_formats())
+    except UnidentifiedImageError as exc:
+        head = bytes(data[:16])
+        if any(head[at:at + len(sig)] == sig for at, sig in _SIGNATURES) or _looks_like_ppm(head):
+            raise ImageDecodeError("corrupt image: the file starts as an image but its header does not parse",
+                                   reason="header") from exc
+        raise UnsupportedImageType("not an image of a supported format", supported=list(SUPPORTED_FORMATS)) from exc
+
+
+def _looks_like_ppm(head: bytes) -> bool:
+    return len(head) >= 3 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3] in b" \t\r\n"
 
 
 def _available_formats() -> tuple[str, ...]:
