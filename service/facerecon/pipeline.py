@@ -22,7 +22,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -52,7 +52,8 @@ from facerecon.skin import REFERENCE_GMM, skin_attention
 log = logging.getLogger(__name__)
 
 
-__all__ = ["Estimate", "PreparedFace", "Reconstruction", "Reconstructor", "SetReconstruction", "prepare_face"]
+__all__ = ["Checkpoint", "Estimate", "PreparedFace", "Reconstruction", "Reconstructor", "SetReconstruction",
+           "prepare_face"]
 
 
 def _load_networks(settings: Settings, model: FaceModel) -> tuple[OnnxNet | None, OnnxNet | None]:
@@ -110,6 +111,15 @@ def prepare_face(image: np.ndarray, face: DetectedFace, lm3d5: np.ndarray) -> Pr
         lm68_crop = alignment.to_crop(face.lm68)
     return PreparedFace(face=face, alignment=alignment, crop=crop, lm68_crop=lm68_crop,
                         photo_size=(int(image.shape[1]), int(image.shape[0])), timings=timings)
+
+
+#: A stage-boundary hook (:meth:`Reconstructor.reconstruct`): called with the next stage's name; raising stops there.
+Checkpoint = Callable[[str], None]
+
+
+def _at(checkpoint: Checkpoint | None, stage: str) -> None:
+    if checkpoint is not None:
+        checkpoint(stage)
 
 
 @contextmanager
@@ -288,25 +298,38 @@ class Reconstructor:
         return fit(self.decoder, self.renderer, target, init=init, config=cfg)
 
     # -- one photo ---------------------------------------------------------------------------------------------
-    def reconstruct(self, image: np.ndarray, *, which: Which = "largest", refine: bool | None = None
+    def reconstruct(self, image: np.ndarray, *, which: Which = "largest", refine: bool | None = None,
+                    faces: Sequence[DetectedFace] | None = None, checkpoint: Checkpoint | None = None
                     ) -> list[Reconstruction]:
         """Reconstruct the best face (or all faces) of one RGB photo ``(H, W, 3) uint8``.
+
+        Args:
+            faces: faces already found in ``image`` by :meth:`detect` (e.g. the service's capped selection), to
+                reconstruct instead of detecting again (``which`` is then unused).
+            checkpoint: called with the name of each stage before it starts (``prepare``, ``estimate``,
+                ``finish``); it may raise to stop the work there (the service cancels a request that way).
 
         Raises:
             NoFaceFound: no face in the photo.
         """
         t: dict[str, float] = {}
-        with _timed(t, "detect"):
-            faces = self.detect(image, which)
+        if faces is None:
+            with _timed(t, "detect"):
+                faces = self.detect(image, which)
+        _at(checkpoint, "prepare")
         prepared = [self.prepare(image, f) for f in faces]
         for p in prepared:
             p.timings.update(t)
+        _at(checkpoint, "estimate")
         est = self.estimate(prepared, refine=refine)
+        _at(checkpoint, "finish")
         return [self.finish(p, est, i) for i, p in enumerate(prepared)]
 
     # -- a set of photos of one person -------------------------------------------------------------------------
-    def reconstruct_set(self, images: Sequence[np.ndarray], *, refine: bool | None = None) -> SetReconstruction:
-        """One identity from several photos of one person (the best face of each).
+    def reconstruct_set(self, images: Sequence[np.ndarray], *, refine: bool | None = None,
+                        checkpoint: Checkpoint | None = None) -> SetReconstruction:
+        """One identity from several photos of one person (the best face of each); ``checkpoint`` as in
+        :meth:`reconstruct` (``detect`` before each photo, then ``estimate`` and ``finish``).
 
         Raises:
             TooManyImages: more photos than ``settings.max_set_images``, or none.
@@ -321,6 +344,7 @@ class Reconstructor:
         order = sorted(range(len(images)), key=lambda k: hashlib.sha1(np.ascontiguousarray(images[k])).digest())
         prepared = []
         for k in order:
+            _at(checkpoint, "detect")
             t: dict[str, float] = {}
             with _timed(t, "detect"):
                 try:
@@ -330,7 +354,9 @@ class Reconstructor:
             p = self.prepare(images[k], face)
             p.timings.update(t)
             prepared.append(p)
+        _at(checkpoint, "estimate")
         est = self.estimate(prepared, refine=refine, share_identity=True)
+        _at(checkpoint, "finish")
         coeffs = est.coefficients
         zero = Coefficients.zeros(self.model.layout, 1, self.device)
         identity = Coefficients(coeffs.id.mean(0, keepdim=True), zero.exp, coeffs.tex.mean(0, keepdim=True),
