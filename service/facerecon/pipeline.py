@@ -270,7 +270,7 @@ class Reconstructor:
         return Reconstruction(
             face=prepared.face, alignment=prepared.alignment, crop=prepared.crop, coefficients=coeffs, decoded=decoded,
             landmarks_photo=prepared.alignment.to_photo(lm_crop), mode=estimate.mode, landmark_error_px=err,
-            timings=timings, photo_size=prepared.photo_size,
+            timings=timings, photo_size=prepared.photo_size, units=self.model.card.units,
         )
 
     def _aggregate(self, per_image: Coefficients, x: np.ndarray, out: dict[str, np.ndarray]
@@ -367,8 +367,10 @@ class Reconstructor:
                                  aggregation=est.aggregation or "", timings=dict(est.timings))
 
     # -- outputs -----------------------------------------------------------------------------------------------
-    def mesh(self, decoded: DecodedFace, *, colors: Literal["lit", "albedo"] = "lit", uv: bool = True) -> MeshData:
-        """The posed mesh in world space (dm), as the reference's OBJ; UVs when the model has them."""
+    def mesh(self, decoded: DecodedFace, *, colors: Literal["lit", "albedo"] = "lit", uv: bool = False) -> MeshData:
+        """The posed mesh in world space in the model's units (dm), as the reference's OBJ, with the decoder's
+        normals; the model's own UVs only with ``uv=True`` (the vertex-colour exports carry none: ICT's span two UDIM
+        tiles, and readers such as trimesh take UVs over the colours)."""
         col = (decoded.colors if colors == "lit" else decoded.albedo)[0].detach().cpu().numpy()
         extras = self.model.extras
         has_uv = uv and self.model.has_uvs
@@ -378,12 +380,14 @@ class Reconstructor:
             colors=col,
             uvs=extras["uv_coords"] if has_uv else None,
             uv_faces=extras["uv_triangles"] if has_uv else None,
+            normals=decoded.normals_world[0].detach().cpu().numpy(),
+            units=self.model.card.units,
         )
 
     def export(self, rec: Reconstruction, fmt: MeshFormat) -> bytes:
-        """The mesh with per-vertex colours (and the model's UVs in OBJ) in one file."""
+        """The mesh with per-vertex colours in one file (OBJ/PLY in the model's units, GLB in metres)."""
         with _timed(rec.timings, "export"):
-            return export_mesh(self.mesh(rec.decoded, uv=fmt == "obj"), fmt)
+            return export_mesh(self.mesh(rec.decoded), fmt)
 
     def export_files(self, image: np.ndarray, rec: Reconstruction, fmt: MeshFormat,
                      texture: TextureChoice = "none", size: int = 1024) -> dict[str, bytes]:
@@ -419,7 +423,8 @@ class Reconstructor:
                                renderer=self.renderer)
         with _timed(rec.timings, "export"):
             mesh = MeshData(vertices=rec.decoded.vertices_world[0].detach().cpu().numpy().astype(np.float64),
-                            faces=self.model.triangles.cpu().numpy(), uvs=tex.atlas.uvs, uv_faces=tex.atlas.uv_faces)
+                            faces=self.model.triangles.cpu().numpy(), uvs=tex.atlas.uvs, uv_faces=tex.atlas.uv_faces,
+                            units=self.model.card.units)
             if fmt == "obj":
                 return textured_obj(mesh, tex.png())
             normals = rec.decoded.normals_world[0].detach().cpu().numpy().astype(np.float64)

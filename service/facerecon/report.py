@@ -5,7 +5,8 @@ OpenAPI the service documents).
 
 Conventions: points in photo pixels, x right, y down, integer = pixel centre; angles in the pose block in degrees
 (``facerecon.geometry``: positive yaw turns the face towards the image's right), in the coefficients in radians;
-meshes in the model's units (decimetres) for OBJ/PLY.
+meshes in the model's units (decimetres for the shipped models) for OBJ/PLY, metres for GLB (``units`` in every
+face's JSON).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from facerecon.api.schemas import (
     DetectionOut,
     EncodedFile,
     FaceResult,
+    MeshUnits,
     Pose,
     ReconstructResponse,
     SetItem,
@@ -49,6 +51,7 @@ def face_result(rec: Reconstruction, index: int = 0, *, expression_names: Sequen
         landmark_error_crop_px=float(rec.landmark_error_px),
         alignment=AlignmentOut(**rec.alignment.to_dict()),
         timings_ms={k: round(float(v), 2) for k, v in rec.timings.items()},
+        units=MeshUnits.of(rec.units),
         mesh=mesh,
         overlay=overlay,
     )
@@ -63,7 +66,7 @@ def set_item(rec: Reconstruction, index: int, *, expression_names: Sequence[str]
         index=index, mode=f.mode, box=f.box, detection=f.detection, pose_degrees=f.pose_degrees, angle=c.angle,
         expression=c.exp, expressions=f.expressions, lighting=c.gamma, translation=c.trans,
         landmarks68=f.landmarks68, landmark_error_crop_px=f.landmark_error_crop_px, alignment=f.alignment,
-        photo_size=list(rec.photo_size), overlay=overlay,
+        photo_size=list(rec.photo_size), units=f.units, overlay=overlay,
     )
 
 

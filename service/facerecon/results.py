@@ -83,6 +83,7 @@ class Reconstruction:
         landmark_error_px: mean distance (crop px) between the reprojected and the detected 68 landmarks.
         timings: stage -> milliseconds.
         photo_size: ``(width, height)``.
+        units: the face model's length unit (``trans``, the decoded vertices, OBJ and PLY files); GLB is in metres.
     """
 
     face: DetectedFace
@@ -95,6 +96,7 @@ class Reconstruction:
     landmark_error_px: float
     timings: dict[str, float] = field(default_factory=dict)
     photo_size: tuple[int, int] = (0, 0)
+    units: str = "decimetre"
 
     def pose_degrees(self) -> dict[str, float]:
         """``{"pitch", "yaw", "roll"}`` in degrees (``facerecon.geometry``'s convention: positive yaw turns the

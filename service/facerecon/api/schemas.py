@@ -144,8 +144,25 @@ class CoefficientsOut(BaseModel):
     angle: list[float] = Field(description="(pitch, yaw, roll), radians", min_length=3, max_length=3)
     gamma: list[float] = Field(description="spherical-harmonics lighting, 27 values, channel-major R, G, B",
                                min_length=27, max_length=27)
-    trans: list[float] = Field(description="translation (x, y, z), model units (decimetres)",
+    trans: list[float] = Field(description="translation (x, y, z), model units (`units.model`: decimetres for the "
+                               "shipped models)",
                                min_length=3, max_length=3)
+
+
+class MeshUnits(BaseModel):
+    """The length unit of each output: the face model's for the coefficients' `trans` and the OBJ and PLY files
+    (decimetres for the shipped models, as the reference's OBJ), metres for GLB (glTF's unit)."""
+
+    model: str = Field(description="the face model's unit: `coefficients.trans`, OBJ and PLY vertices")
+    obj: str = Field(description="unit of OBJ vertices")
+    ply: str = Field(description="unit of PLY vertices")
+    glb: Literal["metre"] = Field("metre", description="unit of GLB vertices (always metres)")
+
+    @classmethod
+    def of(cls, model_units: str) -> MeshUnits:
+        from facerecon.export import file_units
+
+        return cls(model=model_units, **file_units(model_units))
 
 
 class Pose(BaseModel):
@@ -210,6 +227,7 @@ class FaceResult(BaseModel):
     landmark_error_crop_px: float = Field(description="mean distance between the two landmark sets, crop px")
     alignment: AlignmentOut
     timings_ms: dict[str, float] = Field(description="pipeline stage -> milliseconds for this face")
+    units: MeshUnits = Field(description="length units of `coefficients.trans` and of each mesh format")
     mesh: EncodedFile | None = Field(None, description="the posed mesh, when `include=mesh`")
     overlay: EncodedFile | None = Field(None, description="this face drawn over the photo (PNG), when "
                                                           "`include=overlay`")
@@ -246,7 +264,8 @@ class SetItem(BaseModel):
     expression: list[float] = Field(description="`exp` coefficients")
     expressions: dict[str, float] | None = Field(None, description="`exp` by blendshape name, when named")
     lighting: list[float] = Field(description="`gamma`: 27 SH lighting coefficients", min_length=27, max_length=27)
-    translation: list[float] = Field(description="`trans`, model units", min_length=3, max_length=3)
+    translation: list[float] = Field(description="`trans`, model units (`units.model`)", min_length=3, max_length=3)
+    units: MeshUnits = Field(description="length units of `translation` and of each mesh format")
     landmarks68: list[Point2] = Field(description="reprojected 68 landmarks, photo px, y down", min_length=68,
                                       max_length=68)
     landmark_error_crop_px: float
