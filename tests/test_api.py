@@ -107,6 +107,8 @@ class FakeReconstructor:
         self.delay = 0.0
         self.fail: Exception | None = None
         self.calls = 0
+        self.faces = 2  # detected with faces=all
+        self.reconstructed: list[int] = []  # faces per reconstruct call
 
     def _work(self) -> None:
         self.calls += 1
@@ -115,12 +117,19 @@ class FakeReconstructor:
         if self.fail is not None:
             raise self.fail
 
-    def reconstruct(self, image: np.ndarray, *, which: str = "largest", refine: bool | None = None) -> list[Any]:
+    def reconstruct(self, image: np.ndarray, *, which: str = "largest", refine: bool | None = None,
+                    faces: list[Any] | None = None, checkpoint: Any = None) -> list[Any]:
+        if checkpoint is not None:
+            checkpoint("estimate")
         self._work()
-        return [SimpleNamespace(mode="fake", timings={"fit": 1.0}, face=SimpleNamespace(score=1.0))]
+        if checkpoint is not None:
+            checkpoint("finish")
+        self.reconstructed.append(len(faces) if faces is not None else 1)
+        return [SimpleNamespace(mode="fake", timings={"fit": 1.0}, face=SimpleNamespace(score=1.0))
+                for _ in range(len(faces) if faces is not None else 1)]
 
     def detect(self, image: np.ndarray, which: str = "largest") -> list[Any]:
-        return [object(), object()]
+        return [object() for _ in range(self.faces if which == "all" else 1)]
 
     def export(self, rec: Any, fmt: str) -> bytes:
         return f"mesh {fmt}\n".encode()
@@ -131,7 +140,7 @@ class FakeReconstructor:
     def overlay(self, image: np.ndarray, rec: Any) -> np.ndarray:
         return image
 
-    def reconstruct_set(self, images: Any, *, refine: bool | None = None) -> Any:
+    def reconstruct_set(self, images: Any, *, refine: bool | None = None, checkpoint: Any = None) -> Any:
         raise NoFaceFound("the fake sees no faces in sets")
 
     def identity_mesh(self, rec: Any) -> Any:

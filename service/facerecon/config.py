@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
     import torch
@@ -37,12 +37,31 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest accepted upload, bytes")
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest accepted image, width x height")
     max_set_images: int = Field(16, gt=0, description="most photos in one image-set request")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="largest request body (a set's photos together), bytes")
+    max_decoded_pixels: int = Field(
+        4_000_000, gt=0, description="a photo with more pixels is decoded downscaled (integer factor) to fit")
+    max_set_decoded_pixels: int = Field(
+        16_000_000, gt=0, description="decoded pixels of a whole set; each photo gets its share (<= the above)")
+    decode_memory_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="memory all decodes in flight may use together; more waits")
+    max_faces: int = Field(16, gt=0, description="most faces reconstructed for faces=all (the largest ones)")
     # Serving.
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = Field(1, gt=0, description="inference worker threads")
     queue_size: int = Field(16, ge=0, description="requests waiting beyond the workers before 503")
     log_level: str = "INFO"
+    timeout_keep_alive_s: float = Field(5.0, gt=0, description="close an idle keep-alive connection after this")
+    timeout_headers_s: float = Field(
+        10.0, gt=0, description="a connection must send a request's complete headers within this, else 408/closed")
+    max_connections: int = Field(256, gt=0, description="open HTTP connections; one more is answered 503 and closed")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"],
+        description="Host header values accepted (comma-separated; `*.example.com` wildcards); `*` = any")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="web origins allowed to call the API from a browser (comma-separated; "
+                                          "empty = CORS off, `*` = any)")
     # HTTP service (facerecon.api).
     request_timeout_s: float = Field(
         120.0, gt=0, description="deadline of one HTTP request (upload + queue + inference): 408/504 past it")
@@ -51,6 +70,13 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run one inference at start-up before /readyz turns ready")
     warmup_image: Path | None = Field(
         None, description="photo for the warm-up inference (default: a face rendered from the model's mean)")
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
 
 
 @lru_cache(maxsize=1)

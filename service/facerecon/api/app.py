@@ -15,6 +15,14 @@ EXIF); the reconstruction and the output encoding run as one job on the bounded
 :class:`~facerecon.api.workers.InferencePool`; the handler awaits it without blocking the event loop. Every error
 is a typed exception mapped to the one JSON shape by :mod:`facerecon.api.errors`.
 
+Bounds (issue #19): a request gets its inference slot before its body is read (503 at once otherwise); the body is
+read within ``max_request_bytes``; photos are decoded downscaled to ``max_decoded_pixels`` (a set shares
+``max_set_decoded_pixels``) under a memory budget for all decodes in flight (``decode_memory_bytes``); a job whose
+client left, whose deadline passed or whose shutdown grace ended is dropped from the queue or stopped at its next
+stage boundary (:mod:`~facerecon.api.guard`); ``faces=all`` reconstructs at most ``max_faces``. Connections are
+bounded by :mod:`~facerecon.api.http` (header and keep-alive timeouts, a connection cap); ``allowed_hosts`` and
+``cors_origins`` by :mod:`~facerecon.api.hosts`.
+
 Output negotiation (``POST /v1/reconstruct``): the ``format`` form field wins, else the ``Accept`` header
 (``model/obj``, ``model/gltf-binary``, ``application/ply``, ``application/json``, ``image/png``; ``*/*`` or none
 gives the default, OBJ); an ``Accept`` naming none of them is 406. ``faces=all`` with a mesh format returns the
@@ -35,8 +43,9 @@ from fastapi.responses import JSONResponse
 
 from facerecon import __version__
 from facerecon.api.errors import install_error_handlers
+from facerecon.api.hosts import install_host_checks
 from facerecon.api.metrics import MetricsMiddleware
-from facerecon.api.page import page_router
+from facerecon.api.page import docs_router, page_router
 from facerecon.api.routes import build_router
 from facerecon.api.state import ReconstructorLike, ReconstructorSource, ServiceState, synthetic_face_photo
 from facerecon.config import Settings, get_settings
@@ -76,10 +85,13 @@ def create_app(settings: Settings | None = None, reconstructor: ReconstructorSou
             "\"details\"}}`."),
         lifespan=lifespan,
         default_response_class=JSONResponse,
+        docs_url=None, redoc_url=None, openapi_url=None,  # served by docs_router, with local assets
     )
     app.state.service = state
     app.include_router(build_router(settings))
+    app.include_router(docs_router())
     app.include_router(page_router())
     install_error_handlers(app)
+    install_host_checks(app, settings)  # allowed hosts and CORS, inside the metrics
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)  # added last = outermost
     return app

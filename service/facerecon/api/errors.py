@@ -37,6 +37,8 @@ from facerecon.errors import FaceReconError, InputError
 
 __all__ = [
     "HTTP_CODES",
+    "Cancelled",
+    "ClientDisconnected",
     "InternalErrorMiddleware",
     "MalformedRequest",
     "NotAcceptable",
@@ -44,6 +46,7 @@ __all__ = [
     "Overloaded",
     "RequestTimedOut",
     "RequestValidationFailed",
+    "ShuttingDown",
     "Unavailable",
     "UnsupportedMediaType",
     "UploadTimedOut",
@@ -73,6 +76,12 @@ class Overloaded(Unavailable):
     code = "overloaded"
 
 
+class ShuttingDown(Unavailable):
+    """The server is shutting down (SIGTERM): no new work, and work still waiting when the grace period ends."""
+
+    code = "shutting_down"
+
+
 class NotReady(Unavailable):
     """The models are still loading or warming up (or failed to; ``details.reason`` says which)."""
 
@@ -84,6 +93,22 @@ class RequestTimedOut(FaceReconError):
 
     code = "timeout"
     http_status = 504
+
+
+class Cancelled(FaceReconError):
+    """A job stopped at a stage boundary because nobody waits for it any more (raised on the worker thread; the
+    request itself answers with why: a timeout, a client gone, a shutdown)."""
+
+    code = "cancelled"
+    http_status = 503
+
+
+class ClientDisconnected(InputError):
+    """The client closed the connection before its answer was ready (nobody reads this; counted in the metrics
+    as status 499, the nginx convention)."""
+
+    code = "client_closed_request"
+    http_status = 499
 
 
 class UploadTimedOut(InputError):

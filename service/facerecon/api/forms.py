@@ -14,7 +14,7 @@ import anyio.to_thread
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from facerecon.api.errors import (
     MalformedRequest,
@@ -194,15 +194,26 @@ class _Body:
                 pass
 
 
+async def discard_body(request: Request) -> None:
+    """Read and drop what is left of a request refused before its body was read (bounded as :meth:`_Body.drain`),
+    so the error response reaches a client that is still sending; nothing is kept."""
+    if request.headers.get("expect", "").lower() == "100-continue":
+        return  # the client waits for our answer before it sends the body
+    if request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers:
+        return
+    await _Body(request).drain()
+
+
 async def read_form(request: Request, *, file_field: str, max_files: int, max_file_bytes: int,
-                    too_many: Callable[[int], FaceReconError]) -> Form:
+                    too_many: Callable[[int], FaceReconError], max_body_bytes: int | None = None) -> Form:
     """Stream a ``multipart/form-data`` body into memory with every limit enforced before it is exceeded.
 
     Raises:
         UnsupportedMediaType: not multipart/form-data.
-        MalformedRequest: no boundary, a broken body, a client that went away.
-        ImageTooLarge: ``Content-Length`` above ``max_files * max_file_bytes`` plus the form overhead (before
-            reading anything), or a file past ``max_file_bytes`` while streaming.
+        MalformedRequest: no boundary, a broken body (also one that ends before its closing boundary), a client
+            that went away.
+        ImageTooLarge: ``Content-Length`` above ``max_files * max_file_bytes`` (or ``max_body_bytes``) plus the
+            form overhead (before reading anything), or a file past ``max_file_bytes`` while streaming.
         RequestValidationFailed / ``too_many(n)``: unexpected files, too many files or fields.
     """
     mtype, params = parse_options_header(request.headers.get("content-type", ""))
@@ -213,7 +224,7 @@ async def read_form(request: Request, *, file_field: str, max_files: int, max_fi
     boundary = params.get(b"boundary")
     if not boundary:
         raise MalformedRequest("multipart/form-data without a boundary parameter")
-    max_body = max_files * max_file_bytes + FORM_OVERHEAD_BYTES
+    max_body = min(max_files * max_file_bytes, max_body_bytes or max_files * max_file_bytes) + FORM_OVERHEAD_BYTES
     body = _Body(request)
     try:
         declared = request.headers.get("content-length")
@@ -237,6 +248,9 @@ async def read_form(request: Request, *, file_field: str, max_files: int, max_fi
             except FormParserError as exc:
                 raise MalformedRequest(f"malformed multipart body: {exc}") from exc
         parser.finalize()
+        if parser.state != MultipartState.END:
+            raise MalformedRequest("the multipart body ends before its closing boundary (--boundary--)",
+                                   received_bytes=body.received)
     except FaceReconError:
         if not body.done and request.headers.get("expect", "").lower() != "100-continue":
             await body.drain()

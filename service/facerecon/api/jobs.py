@@ -24,11 +24,13 @@ from facerecon.api.schemas import (
     SetResponse,
 )
 from facerecon.export import export_mesh
+from facerecon.imaging import DecodedPhoto
 from facerecon.report import face_result, reconstruct_response, set_item
 from facerecon.results import Reconstruction
 
 if TYPE_CHECKING:  # the state module runs these jobs
     from facerecon.api.state import ReconstructorLike
+    from facerecon.api.workers import Ticket
 
 log = logging.getLogger("facerecon.api")
 
@@ -74,20 +76,39 @@ def _face_result(rec: ReconstructorLike, r: Reconstruction, index: int, image: n
     return face_result(r, index, expression_names=names, mesh=mesh, overlay=overlay)
 
 
-def reconstruct_job(rec: ReconstructorLike, image: np.ndarray, opts: ReconstructOptions, fmt: str,
-                    timings: dict[str, float], submitted: float, names: list[str], face_model: str) -> Output:
-    """One photo -> the chosen output (``timings`` holds the request's stages so far)."""
+def _scale_headers(photo: DecodedPhoto) -> dict[str, str]:
+    if photo.scale == 1.0:
+        return {}
+    return {"X-Photo-Scale": f"{photo.scale:.6g}", "X-Original-Size": "{}x{}".format(*photo.original_size)}
+
+
+def reconstruct_job(rec: ReconstructorLike, photo: DecodedPhoto, opts: ReconstructOptions, fmt: str,
+                    timings: dict[str, float], submitted: float, names: list[str], face_model: str, *,
+                    ticket: Ticket, max_faces: int) -> Output:
+    """One photo -> the chosen output (``timings`` holds the request's stages so far). The work stops at the next
+    stage boundary once ``ticket`` is cancelled; ``faces=all`` reconstructs the ``max_faces`` largest faces."""
     timings["queue"] = (time.perf_counter() - submitted) * 1000.0
-    headers: dict[str, str] = {}
+    image = photo.image
+    ticket.check("detect")
+    headers: dict[str, str] = _scale_headers(photo)
     media_type = MEDIA_BY_FORMAT[fmt]
+    t0 = time.perf_counter()
+    faces = rec.detect(image, opts.faces)
+    detect_ms = (time.perf_counter() - t0) * 1000.0
+    detected = len(faces)
+    if opts.faces == "all":
+        headers["X-Faces-Detected"] = str(detected)
+        if detected > max_faces:
+            headers["X-Faces-Limit"] = str(max_faces)
+            faces = faces[:max_faces]
     if fmt in MESH_FORMATS:
-        if opts.faces == "all":
-            detect = getattr(rec, "detect", None)
-            if detect is not None:
-                t0 = time.perf_counter()
-                headers["X-Faces-Detected"] = str(len(detect(image, "all")))
-                timings["detect_all"] = (time.perf_counter() - t0) * 1000.0
-        recs = rec.reconstruct(image, which="largest", refine=opts.refine)
+        faces = faces[:1]  # a mesh file holds one face: the largest
+    recs = rec.reconstruct(image, refine=opts.refine, faces=faces, checkpoint=ticket.check)
+    for r in recs:  # detection ran once, here: each face's timings carry it, as when the pipeline detects
+        r.timings.setdefault("detect", detect_ms)
+    timings.update(_merge_face_timings(recs))
+    ticket.check("encode")
+    if fmt in MESH_FORMATS:
         files = rec.export_files(image, recs[0], fmt, opts.texture)  # type: ignore[arg-type]
         if len(files) > 1:  # a textured OBJ bundle
             from facerecon.export import to_zip
@@ -98,7 +119,6 @@ def reconstruct_job(rec: ReconstructorLike, image: np.ndarray, opts: Reconstruct
         headers["Content-Disposition"] = f'inline; filename="{name}"'
         timings.update(_merge_face_timings(recs))
     elif fmt == "png":
-        recs = rec.reconstruct(image, which=opts.faces, refine=opts.refine)
         out = image
         for r in recs:
             out = rec.overlay(out, r)
@@ -107,12 +127,17 @@ def reconstruct_job(rec: ReconstructorLike, image: np.ndarray, opts: Reconstruct
         body = png_bytes(out)
         timings["encode"] = (time.perf_counter() - t0) * 1000.0
     else:
-        recs = rec.reconstruct(image, which=opts.faces, refine=opts.refine)
-        faces = [_face_result(rec, r, i, image, opts, names) for i, r in enumerate(recs)]
+        faces_out = []
+        for i, r in enumerate(recs):
+            ticket.check("encode")
+            faces_out.append(_face_result(rec, r, i, image, opts, names))
         timings.update(_merge_face_timings(recs))
         t0 = time.perf_counter()
         response = reconstruct_response(face_model, recs[0].coefficients.layout, (image.shape[1], image.shape[0]),
-                                        faces, timings)
+                                        faces_out, timings)
+        response.original_size = list(photo.original_size)
+        response.scale = round(photo.scale, 6)
+        response.faces_detected = detected if opts.faces == "all" else None
         body = response.model_dump_json().encode()
         timings["encode"] = (time.perf_counter() - t0) * 1000.0
     headers["X-Face-Count"] = str(len(recs))
@@ -120,11 +145,16 @@ def reconstruct_job(rec: ReconstructorLike, image: np.ndarray, opts: Reconstruct
     return Output(body=body, media_type=media_type, headers=headers, timings=timings)
 
 
-def reconstruct_set_job(rec: ReconstructorLike, images: list[np.ndarray], opts: SetOptions, fmt: str,
-                        timings: dict[str, float], submitted: float, names: list[str], face_model: str) -> Output:
-    """A set of photos of one person -> JSON or the identity mesh."""
+def reconstruct_set_job(rec: ReconstructorLike, photos: list[DecodedPhoto], opts: SetOptions, fmt: str,
+                        timings: dict[str, float], submitted: float, names: list[str], face_model: str, *,
+                        ticket: Ticket) -> Output:
+    """A set of photos of one person -> JSON or the identity mesh (stops at a stage boundary once ``ticket`` is
+    cancelled)."""
     timings["queue"] = (time.perf_counter() - submitted) * 1000.0
-    result = rec.reconstruct_set(images, refine=opts.refine)
+    ticket.check("detect")
+    images = [p.image for p in photos]
+    result = rec.reconstruct_set(images, refine=opts.refine, checkpoint=ticket.check)
+    ticket.check("encode")
     timings.update({k: float(v) for k, v in result.timings.items()})
     mode = str(result.items[0].mode) if result.items else "fit"
     headers = {"X-Face-Count": str(len(result.items)), "X-Reconstruction-Mode": mode}
@@ -145,7 +175,11 @@ def reconstruct_set_job(rec: ReconstructorLike, images: list[np.ndarray], opts: 
             t0 = time.perf_counter()
             overlay = EncodedFile.of(png_bytes(rec.overlay(image, r)), "png", "image/png")
             timings["render"] = timings.get("render", 0.0) + (time.perf_counter() - t0) * 1000.0
-        items.append(set_item(r, i, expression_names=names, overlay=overlay))
+        item = set_item(r, i, expression_names=names, overlay=overlay)
+        if photos[i].scale != 1.0:
+            item.original_size = list(photos[i].original_size)
+            item.scale = round(photos[i].scale, 6)
+        items.append(item)
     ident = result.identity.to_dict(0)
     t0 = time.perf_counter()
     response = SetResponse(

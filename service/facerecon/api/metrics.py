@@ -14,6 +14,9 @@ Exposed at ``GET /metrics`` (text format 0.0.4):
                                                            ``export``, ``render``), ``encode`` (response body)
 ``facerecon_inference_queue_depth``             gauge      jobs waiting for a worker
 ``facerecon_inference_active``                  gauge      jobs a worker is running
+``facerecon_requests_admitted``                 gauge      requests holding a slot (reading, decoding, queued,
+                                                           running)
+``facerecon_decode_memory_bytes``               gauge      bytes reserved by the decodes in flight
 ``facerecon_ready``                             gauge      1 once models are loaded and warmed up
 ``facerecon_model_info``                        info       face model, device, renderer, mode, version
 ==============================================  =========  ===================================================
@@ -65,13 +68,19 @@ class Metrics:
         )
         self.queue_depth = Gauge("facerecon_inference_queue_depth", "Inference jobs waiting for a worker", registry=r)
         self.inference_active = Gauge("facerecon_inference_active", "Inference jobs running", registry=r)
+        self.admitted = Gauge("facerecon_requests_admitted",
+                              "Requests holding an inference slot (reading, decoding, queued or running)", registry=r)
+        self.decode_bytes = Gauge("facerecon_decode_memory_bytes", "Bytes reserved by the decodes in flight",
+                                  registry=r)
         self.ready = Gauge("facerecon_ready", "1 when the models are loaded and warmed up", registry=r)
         self.model_info = Info("facerecon_model", "The served face model and backends", registry=r)
 
-    def bind_pool(self, waiting: Callable[[], float], running: Callable[[], float]) -> None:
+    def bind_pool(self, waiting: Callable[[], float], running: Callable[[], float],
+                  admitted: Callable[[], float]) -> None:
         """Read the queue gauges from the pool at scrape time (always exact, no bookkeeping)."""
         self.queue_depth.set_function(waiting)
         self.inference_active.set_function(running)
+        self.admitted.set_function(admitted)
 
     def observe_stages(self, timings_ms: Mapping[str, float]) -> None:
         for stage, ms in timings_ms.items():

@@ -3,13 +3,14 @@ OpenAPI descriptions; each route reads the form, decodes off the loop, runs its 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import anyio.to_thread
-import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import Response
@@ -17,9 +18,20 @@ from starlette.responses import Response
 from facerecon.api.errors import (
     RequestTimedOut,
     RequestValidationFailed,
+    Unavailable,
     UploadTimedOut,
 )
-from facerecon.api.forms import MEDIA_BY_FORMAT, Form, Upload, field_error, negotiate, parse_options, read_form
+from facerecon.api.forms import (
+    MEDIA_BY_FORMAT,
+    Form,
+    Upload,
+    discard_body,
+    field_error,
+    negotiate,
+    parse_options,
+    read_form,
+)
+from facerecon.api.guard import guarded
 from facerecon.api.jobs import Output, reconstruct_job, reconstruct_set_job, server_timing
 from facerecon.api.schemas import (
     MESH_FORMATS,
@@ -33,10 +45,11 @@ from facerecon.api.schemas import (
     SetResponse,
 )
 from facerecon.api.state import ServiceState
+from facerecon.api.workers import Ticket
 from facerecon.config import Settings
 from facerecon.errors import InputError, TooManyImages
 from facerecon.formats import TEXTURED_FORMATS
-from facerecon.imaging import decode_image
+from facerecon.imaging import DecodedPhoto, ImageProbe, decode_photo, probe_image
 
 log = logging.getLogger("facerecon.api")
 
@@ -54,7 +67,8 @@ def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         413: "`image_too_large`: too many bytes (per file or in all) or too many pixels",
         415: "`not_an_image` (unsupported or non-image file) or `unsupported_media_type` (body not multipart)",
         422: "`no_face`, `too_many_images`, `validation_error` (missing/unknown/invalid fields)",
-        503: "`overloaded` (every worker busy, queue full) or `not_ready`; retry after `Retry-After` seconds",
+        503: "`overloaded` (every slot taken: requests reading, decoding, queued or running), `not_ready` or "
+             "`shutting_down`; retry after `Retry-After` seconds",
         504: "`timeout`: the request took longer than the service's deadline",
     }
     out: dict[int | str, dict[str, Any]] = {}
@@ -75,16 +89,28 @@ _RESULT_HEADERS = {
 
 def _multipart_body(options: type[BaseModel], file_field: str, many: int | None, description: str
                     ) -> dict[str, Any]:
-    """OpenAPI requestBody for our hand-parsed multipart forms (the file field plus the options model)."""
+    """OpenAPI requestBody for our hand-parsed multipart forms (the file field plus the options model).
+
+    A form field is sent or left out, never ``null``: the options' ``X | None`` fields are documented as ``X``
+    (absent = the default); a file has at least one byte (an empty one is refused)."""
     schema = options.model_json_schema()
-    binary = {"type": "string", "format": "binary"}
+    binary = {"type": "string", "format": "binary", "minLength": 1}
     file_schema: dict[str, Any] = (
         {**binary, "description": description} if many is None
         else {"type": "array", "items": binary, "minItems": 1, "maxItems": many, "description": description})
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": [file_field],
-        "properties": {file_field: file_schema, **schema.get("properties", {})},
+        "properties": {file_field: file_schema, **{k: _not_null(v) for k, v in schema.get("properties", {}).items()}},
     }}}}}
+
+
+def _not_null(prop: dict[str, Any]) -> dict[str, Any]:
+    """``{"anyOf": [X, {"type": "null"}], "default": null, ...}`` -> ``X`` with the other keys (no null default)."""
+    branches = [b for b in prop.get("anyOf", []) if b.get("type") != "null"]
+    if "anyOf" not in prop or len(branches) != 1:
+        return prop
+    out = {k: v for k, v in prop.items() if k != "anyOf" and not (k == "default" and v is None)}
+    return {**branches[0], **out}
 
 
 def build_router(settings: Settings) -> APIRouter:
@@ -123,12 +149,19 @@ def build_router(settings: Settings) -> APIRouter:
         description=(
             "Multipart form with one file `image` (JPEG, PNG, WebP, BMP, TIFF, GIF, PPM). The output is chosen by "
             "the `format` field, else by `Accept`; default OBJ. `faces=all` returns every face in JSON and draws "
-            "every face in PNG; mesh formats hold the largest face (`X-Faces-Detected` gives the count)."),
+            "every face in PNG, up to `max_faces` (the largest; `X-Faces-Detected` gives the count found and "
+            "`X-Faces-Limit` is set when some were left out); mesh formats hold the largest face. A photo over "
+            "`max_decoded_pixels` is downscaled at decode time: every coordinate is then in the decoded photo's "
+            "frame (`photo_size`; `scale` and `X-Photo-Scale` give the factor)."),
         responses={
             200: {"description": "the mesh, the JSON result or the overlay PNG", "headers": {
                 **_RESULT_HEADERS,
-                "X-Faces-Detected": {"description": "faces detected, with `faces=all` and a mesh format",
-                                     "schema": {"type": "integer"}}},
+                "X-Faces-Detected": {"description": "faces detected, with `faces=all`",
+                                     "schema": {"type": "integer"}},
+                "X-Faces-Limit": {"description": "`max_faces`, when more faces were found than returned",
+                                  "schema": {"type": "integer"}},
+                "X-Photo-Scale": {"description": "decoded px per uploaded px, when the photo was downscaled",
+                                  "schema": {"type": "number"}}},
                   "content": {MEDIA_BY_FORMAT[f]: _BINARY for f in ("obj", "glb", "ply", "png")}},
             **_error_responses(400, 406, 408, 413, 415, 422, 503, 504),
         },
@@ -141,28 +174,33 @@ def build_router(settings: Settings) -> APIRouter:
         t_start = time.perf_counter()
         deadline = t_start + s.request_timeout_s
         timings: dict[str, float] = {}
-        form = await _read(request, deadline, file_field="image", max_files=1, max_file_bytes=s.max_upload_bytes,
-                           too_many=lambda n: RequestValidationFailed(
-                               "send exactly one photo in `image` (use /v1/reconstruct/set for several)",
-                               **field_error("image", "exactly one file expected", "too_many_files")))
-        timings["read"] = (time.perf_counter() - t_start) * 1000.0
-        opts = parse_options(ReconstructOptions, form.fields)
-        fmt = opts.format or negotiate(request.headers.get("accept"), ("obj", "glb", "ply", "json", "png"), "obj")
-        if opts.texture != "none" and fmt not in TEXTURED_FORMATS:  # refused before any work (export_files too)
-            raise RequestValidationFailed(
-                f"texture={opts.texture} needs format=obj or glb, not {fmt}",
-                **field_error("texture", "a texture needs the obj or glb format", "texture_format"))
-        if not form.files:
-            raise RequestValidationFailed("the photo is missing: send it as the multipart file field `image`",
-                                          **field_error("image", "field required", "missing"))
-        image = await _decode(state, form.files[0], deadline, timings)
-        submitted = time.perf_counter()
-        result = await state.pool.run(  # type: ignore[union-attr]
-            lambda: reconstruct_job(rec, image, opts, fmt, timings, submitted, state.expression_names,
-                                    state.face_model or "unknown"),
-            timeout=max(0.001, deadline - time.perf_counter()),
-        )
-        return _respond(state, result.value, t_start)
+
+        async def work(ticket: Ticket, body_read: asyncio.Event) -> Output:
+            form = await _read(request, deadline, file_field="image", max_files=1,
+                               max_file_bytes=s.max_upload_bytes, too_many=lambda n: RequestValidationFailed(
+                                   "send exactly one photo in `image` (use /v1/reconstruct/set for several)",
+                                   **field_error("image", "exactly one file expected", "too_many_files")))
+            body_read.set()
+            timings["read"] = (time.perf_counter() - t_start) * 1000.0
+            opts = parse_options(ReconstructOptions, form.fields)
+            fmt = opts.format or negotiate(request.headers.get("accept"), ("obj", "glb", "ply", "json", "png"), "obj")
+            if opts.texture != "none" and fmt not in TEXTURED_FORMATS:  # refused before any work (export_files too)
+                raise RequestValidationFailed(
+                    f"texture={opts.texture} needs format=obj or glb, not {fmt}",
+                    **field_error("texture", "a texture needs the obj or glb format", "texture_format"))
+            if not form.files:
+                raise RequestValidationFailed("the photo is missing: send it as the multipart file field `image`",
+                                              **field_error("image", "field required", "missing"))
+            photo = await _decode(state, form.files.pop(), deadline, timings, s.max_decoded_pixels)
+            submitted = time.perf_counter()
+            result = await state.pool.run(  # type: ignore[union-attr]
+                lambda: reconstruct_job(rec, photo, opts, fmt, timings, submitted, state.expression_names,
+                                        state.face_model or "unknown", ticket=ticket, max_faces=s.max_faces),
+                timeout=max(0.001, deadline - time.perf_counter()), ticket=ticket,
+            )
+            return result.value
+
+        return _respond(state, await _serve(state, request, deadline, work), t_start)
 
     @router.post(
         "/v1/reconstruct/set", tags=["reconstruction"], response_model=SetResponse,
@@ -186,30 +224,39 @@ def build_router(settings: Settings) -> APIRouter:
         deadline = t_start + s.request_timeout_s
         timings: dict[str, float] = {}
         limit = s.max_set_images
-        form = await _read(request, deadline, file_field="images", max_files=limit, max_file_bytes=s.max_upload_bytes,
-                           too_many=lambda n: TooManyImages(
-                               f"more than {limit} photos in a set; the limit is {limit}", limit=limit))
-        timings["read"] = (time.perf_counter() - t_start) * 1000.0
-        opts = parse_options(SetOptions, form.fields)
-        fmt = opts.format or negotiate(request.headers.get("accept"), ("json", "obj", "glb", "ply"), "json")
-        if not form.files:
-            raise RequestValidationFailed("no photos: send them as multipart file fields `images`",
-                                          **field_error("images", "at least one file required", "missing"))
-        images = []
-        for i, upload in enumerate(form.files):
-            try:
-                images.append(await _decode(state, upload, deadline, timings))
-            except InputError as exc:
-                exc.details.setdefault("index", i)
-                exc.message = f"photo {i + 1} of the set: {exc.message}"
-                raise
-        submitted = time.perf_counter()
-        result = await state.pool.run(  # type: ignore[union-attr]
-            lambda: reconstruct_set_job(rec, images, opts, fmt, timings, submitted, state.expression_names,
-                                        state.face_model or "unknown"),
-            timeout=max(0.001, deadline - time.perf_counter()),
-        )
-        return _respond(state, result.value, t_start)
+
+        async def work(ticket: Ticket, body_read: asyncio.Event) -> Output:
+            form = await _read(request, deadline, file_field="images", max_files=limit,
+                               max_file_bytes=s.max_upload_bytes, max_body_bytes=s.max_request_bytes,
+                               too_many=lambda n: TooManyImages(
+                                   f"more than {limit} photos in a set; the limit is {limit}", limit=limit))
+            body_read.set()
+            timings["read"] = (time.perf_counter() - t_start) * 1000.0
+            opts = parse_options(SetOptions, form.fields)
+            fmt = opts.format or negotiate(request.headers.get("accept"), ("json", "obj", "glb", "ply"), "json")
+            if not form.files:
+                raise RequestValidationFailed("no photos: send them as multipart file fields `images`",
+                                              **field_error("images", "at least one file required", "missing"))
+            # the set shares its decoded pixels: each photo gets its part (never more than a single photo's limit)
+            share = max(1, min(s.max_decoded_pixels, s.max_set_decoded_pixels // len(form.files)))
+            photos: list[DecodedPhoto] = []
+            for i, upload in enumerate(form.files):
+                try:
+                    photos.append(await _decode(state, upload, deadline, timings, share))
+                except InputError as exc:
+                    exc.details.setdefault("index", i)
+                    exc.message = f"photo {i + 1} of the set: {exc.message}"
+                    raise
+                upload.data = bytearray()  # the encoded bytes are not needed any more
+            submitted = time.perf_counter()
+            result = await state.pool.run(  # type: ignore[union-attr]
+                lambda: reconstruct_set_job(rec, photos, opts, fmt, timings, submitted, state.expression_names,
+                                            state.face_model or "unknown", ticket=ticket),
+                timeout=max(0.001, deadline - time.perf_counter()), ticket=ticket,
+            )
+            return result.value
+
+        return _respond(state, await _serve(state, request, deadline, work), t_start)
 
     return router
 
@@ -222,20 +269,47 @@ async def _read(request: Request, deadline: float, **kwargs: Any) -> Form:
         raise UploadTimedOut("the upload did not finish within the request deadline") from None
 
 
-async def _decode(state: ServiceState, upload: Upload, deadline: float, timings: dict[str, float]) -> np.ndarray:
+async def _serve(state: ServiceState, request: Request, deadline: float,
+                 work: Callable[[Ticket, asyncio.Event], Awaitable[Output]]) -> Output:
+    """Admission first (503 at once, before the body is read), then ``work`` guarded against the end of the
+    shutdown grace and, once the body is read, the client's disconnect; the slot is freed whatever happens."""
+    try:
+        ticket = state.pool.admit(deadline)  # type: ignore[union-attr]
+    except Unavailable:
+        await discard_body(request)
+        raise
+    body_read = asyncio.Event()
+    try:
+        return await guarded(lambda: work(ticket, body_read), ticket=ticket, grace=state.grace,
+                             receive=request.receive, body_read=body_read)
+    finally:
+        ticket.release()
+
+
+async def _decode(state: ServiceState, upload: Upload, deadline: float, timings: dict[str, float],
+                  max_decoded_pixels: int) -> DecodedPhoto:
+    """Header first (limits, the decode's memory), then the decode itself once the memory budget has room."""
     s = state.settings
     t0 = time.perf_counter()
-    data = bytes(upload.data)
+    data = upload.data
+
+    def probe() -> ImageProbe:
+        return probe_image(data, max_bytes=s.max_upload_bytes, max_pixels=s.max_image_pixels,
+                           max_decoded_pixels=max_decoded_pixels)
+
+    def decode() -> DecodedPhoto:
+        return decode_photo(data, max_bytes=s.max_upload_bytes, max_pixels=s.max_image_pixels,
+                            max_decoded_pixels=max_decoded_pixels)
+
     try:
         with anyio.fail_after(max(0.001, deadline - t0)):
-            image = await anyio.to_thread.run_sync(
-                lambda: decode_image(data, max_bytes=s.max_upload_bytes, max_pixels=s.max_image_pixels),
-                limiter=state.decode_limiter,
-            )
+            header = await anyio.to_thread.run_sync(probe, limiter=state.decode_limiter)
+            async with state.decode_budget.hold(header.decode_bytes):
+                photo = await anyio.to_thread.run_sync(decode, limiter=state.decode_limiter)
     except TimeoutError:
         raise RequestTimedOut("decoding the photo did not finish within the request deadline") from None
     timings["image"] = timings.get("image", 0.0) + (time.perf_counter() - t0) * 1000.0
-    return image
+    return photo
 
 
 def _respond(state: ServiceState, out: Output, t_start: float) -> Response:

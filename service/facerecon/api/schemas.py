@@ -238,9 +238,18 @@ class ReconstructResponse(BaseModel):
 
     face_model: str = Field(description="name of the face model")
     layout: CoefficientLayout = Field(description="sizes of the coefficient groups")
-    photo_size: list[int] = Field(description="(width, height) of the decoded, EXIF-rotated photo, px",
-                                  min_length=2, max_length=2)
+    photo_size: list[int] = Field(description="(width, height) of the decoded, EXIF-rotated photo, px: the frame of "
+                                              "every coordinate in this answer", min_length=2, max_length=2)
+    original_size: list[int] | None = Field(
+        None, description="(width, height) of the photo as uploaded (EXIF-rotated), px; differs from `photo_size` "
+                          "when a photo over `max_decoded_pixels` was downscaled at decode time",
+        min_length=2, max_length=2)
+    scale: float = Field(1.0, description="`photo_size` px per `original_size` px (divide coordinates by it to get "
+                                          "original photo pixels)")
     face_count: int = Field(description="number of faces returned")
+    faces_detected: int | None = Field(
+        None, description="faces found with `faces=all`; more than `face_count` when over `max_faces` (the largest "
+                          "`max_faces` are returned)")
     faces: list[FaceResult]
     timings_ms: dict[str, float] = Field(description="request stages -> milliseconds (upload, queue, pipeline, ...)")
 
@@ -270,7 +279,10 @@ class SetItem(BaseModel):
                                       max_length=68)
     landmark_error_crop_px: float
     alignment: AlignmentOut
-    photo_size: list[int] = Field(min_length=2, max_length=2)
+    photo_size: list[int] = Field(min_length=2, max_length=2, description="(width, height) of the decoded photo, px")
+    original_size: list[int] | None = Field(None, min_length=2, max_length=2,
+                                            description="(width, height) as uploaded, when downscaled at decode time")
+    scale: float = Field(1.0, description="decoded px per uploaded px (a set shares `max_set_decoded_pixels`)")
     overlay: EncodedFile | None = Field(None, description="the face drawn over this photo, when `include=overlay`")
 
 
@@ -302,9 +314,13 @@ class ReadyResponse(BaseModel):
 
 
 class ServiceLimits(BaseModel):
-    max_upload_bytes: int
-    max_image_pixels: int
+    max_upload_bytes: int = Field(description="largest photo file, bytes")
+    max_request_bytes: int = Field(description="largest request body (a set's photos together), bytes")
+    max_image_pixels: int = Field(description="largest photo accepted, width x height (more: 413)")
+    max_decoded_pixels: int = Field(description="photos with more pixels are decoded downscaled to fit")
+    max_set_decoded_pixels: int = Field(description="decoded pixels of a whole set, shared by its photos")
     max_set_images: int
+    max_faces: int = Field(description="most faces reconstructed with `faces=all` (the largest ones)")
     workers: int
     queue_size: int
     request_timeout_s: float

@@ -1,9 +1,14 @@
 """Running the app: :func:`serve` (the ``facerecon serve`` command) and :func:`serve_in_thread` (tests, notebooks).
 
-Graceful shutdown: on SIGTERM or SIGINT uvicorn stops accepting connections, closes idle keep-alive connections,
-lets in-flight requests finish for up to ``settings.graceful_timeout_s`` seconds (uvicorn's
-``timeout_graceful_shutdown``; past it the remaining requests are cancelled), then runs the app's lifespan
-shutdown, which stops the inference pool after its accepted jobs. A second signal exits at once.
+Graceful shutdown: on SIGTERM or SIGINT uvicorn stops accepting connections, closes idle keep-alive connections and
+tells the app (:class:`facerecon.api.http.Server`), which admits nothing more (503 ``shutting_down``) and lets the
+requests in flight finish for up to ``settings.graceful_timeout_s`` seconds; past it, those still waiting or running
+are answered the JSON 503 ``shutting_down`` with ``Retry-After`` and their jobs cancelled (a running job stops at its
+next stage boundary). Then the app's lifespan shutdown stops the inference pool. A second signal exits at once.
+
+Connections (:mod:`facerecon.api.http`): idle keep-alive connections close after ``settings.timeout_keep_alive_s``;
+a request's headers must arrive within ``settings.timeout_headers_s``; at most ``settings.max_connections`` are
+open at once; malformed HTTP is answered in the JSON error shape.
 
 uvicorn and the app are imported inside the functions, so importing this module (the CLI does) stays cheap.
 """
@@ -34,12 +39,16 @@ log = logging.getLogger("facerecon.api.server")
 def _config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
     import uvicorn
 
+    from facerecon.api.http import GRACE_MARGIN_S, guarded_protocol
+
     kwargs: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level.lower(),
         "lifespan": "on",
-        "timeout_graceful_shutdown": settings.graceful_timeout_s,
+        "http": guarded_protocol(settings),
+        "timeout_keep_alive": settings.timeout_keep_alive_s,
+        "timeout_graceful_shutdown": settings.graceful_timeout_s + GRACE_MARGIN_S,
         "server_header": False,
         "proxy_headers": False,
     }
@@ -47,13 +56,19 @@ def _config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Confi
     return uvicorn.Config(app, **kwargs)
 
 
+def _server(app: FastAPI, config: uvicorn.Config) -> uvicorn.Server:
+    """The uvicorn server, telling the app's state when shutdown begins (an app without one: plain uvicorn)."""
+    from facerecon.api.http import Server
+
+    state = getattr(app.state, "service", None)
+    return Server(config, on_shutdown=None if state is None else state.begin_shutdown)
+
+
 def serve(settings: Settings | None = None) -> None:
     """Serve the API on ``settings.host:settings.port`` until SIGTERM/SIGINT (blocking).
 
     The process answers ``/healthz`` immediately; ``/readyz`` turns 200 when the models are loaded and warmed up.
     """
-    import uvicorn
-
     from facerecon.api.app import create_app
 
     settings = settings or get_settings()
@@ -64,7 +79,7 @@ def serve(settings: Settings | None = None) -> None:
     app = create_app(settings)
     log.info("serving on http://%s:%d (workers %d, queue %d, graceful shutdown %.0f s)", settings.host,
              settings.port, settings.workers, settings.queue_size, settings.graceful_timeout_s)
-    uvicorn.Server(_config(app, settings)).run()
+    _server(app, _config(app, settings)).run()
 
 
 @dataclass
@@ -89,14 +104,12 @@ def serve_in_thread(app: FastAPI, settings: Settings | None = None, *, host: str
     Yields once the server accepts connections (the app may still be loading: poll ``/readyz``); stops it
     gracefully on exit.
     """
-    import uvicorn
-
     settings = settings or get_settings()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
-    server = uvicorn.Server(_config(app, settings, host=host, port=bound, log_level=log_level))
+    server = _server(app, _config(app, settings, host=host, port=bound, log_level=log_level))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="facerecon-uvicorn", daemon=True)
     thread.start()
     running = RunningServer(url=f"http://{host}:{bound}", server=server, thread=thread)

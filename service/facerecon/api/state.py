@@ -19,6 +19,7 @@ import numpy as np
 
 from facerecon import __version__
 from facerecon.api.errors import NotReady
+from facerecon.api.guard import MemoryBudget, ShutdownGrace
 from facerecon.api.jobs import png_bytes
 from facerecon.api.metrics import Metrics
 from facerecon.api.schemas import ServiceLimits
@@ -30,6 +31,7 @@ from facerecon.imaging import load_image
 if TYPE_CHECKING:
     from facerecon.detect import DetectedFace, Which
     from facerecon.export import MeshData, MeshFormat, TextureChoice
+    from facerecon.pipeline import Checkpoint
     from facerecon.results import Reconstruction, SetReconstruction
 
 log = logging.getLogger("facerecon.api")
@@ -45,10 +47,12 @@ class ReconstructorLike(Protocol):
 
     def detect(self, image: np.ndarray, which: Which = ...) -> list[DetectedFace]: ...
 
-    def reconstruct(self, image: np.ndarray, *, which: Which = ..., refine: bool | None = ...
+    def reconstruct(self, image: np.ndarray, *, which: Which = ..., refine: bool | None = ...,
+                    faces: Sequence[DetectedFace] | None = ..., checkpoint: Checkpoint | None = ...
                     ) -> list[Reconstruction]: ...
 
-    def reconstruct_set(self, images: Sequence[np.ndarray], *, refine: bool | None = ...) -> SetReconstruction: ...
+    def reconstruct_set(self, images: Sequence[np.ndarray], *, refine: bool | None = ...,
+                        checkpoint: Checkpoint | None = ...) -> SetReconstruction: ...
 
     def export(self, rec: Reconstruction, fmt: MeshFormat) -> bytes: ...
 
@@ -85,18 +89,29 @@ class ServiceState:
         self.face_model: str | None = None
         self.expression_names: list[str] = []
         self.decode_limiter = anyio.CapacityLimiter(max(2, settings.workers))
+        self.decode_budget = MemoryBudget(settings.decode_memory_bytes)
+        self.grace = ShutdownGrace()
         self._loader: threading.Thread | None = None
         self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
+        self.metrics.decode_bytes.set_function(lambda: float(self.decode_budget.used))
 
     # lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> None:
         s = self.settings
         self.pool = InferencePool(s.workers, s.queue_size)
         pool = self.pool
-        self.metrics.bind_pool(lambda: float(pool.waiting), lambda: float(pool.running))
+        self.metrics.bind_pool(lambda: float(pool.waiting), lambda: float(pool.running), lambda: float(pool.admitted))
         log.info("inference pool: %d worker(s), queue %d", s.workers, s.queue_size)
         self._loader = threading.Thread(target=self._load, name="facerecon-load", daemon=True)
         self._loader.start()
+
+    def begin_shutdown(self) -> None:
+        """The server stops (SIGTERM): admit nothing more; what is still waiting or running when the grace period
+        ends answers 503 ``shutting_down`` (call on the event loop)."""
+        log.info("shutting down: no new requests; %.0f s for those in flight", self.settings.graceful_timeout_s)
+        if self.pool is not None:
+            self.pool.begin_shutdown()
+        self.grace.begin(self.settings.graceful_timeout_s)
 
     def stop(self) -> None:
         if self.pool is not None:
@@ -136,7 +151,8 @@ class ServiceState:
                      "off" if self.warmup_ms is None else f"{self.warmup_ms:.0f} ms")
         except Exception as exc:
             self.stage = "failed"
-            self.error = f"{type(exc).__name__}: {exc}"
+            # The class name only: messages carry absolute paths of the host (models folder, ...); the log has all.
+            self.error = type(exc).__name__
             log.exception("start-up failed; the service stays not ready")
 
     def require_ready(self) -> ReconstructorLike:
@@ -147,14 +163,17 @@ class ServiceState:
 
     def not_ready(self) -> NotReady:
         if self.stage == "failed":
-            return NotReady(f"start-up failed: {self.error}", retry_after=60, stage=self.stage)
+            return NotReady(f"start-up failed ({self.error}; the server log says why)", retry_after=60,
+                            stage=self.stage)
         return NotReady(f"the service is starting ({self.stage})", retry_after=NOT_READY_RETRY_S, stage=self.stage)
 
     def limits(self) -> ServiceLimits:
         s = self.settings
         return ServiceLimits(
-            max_upload_bytes=s.max_upload_bytes, max_image_pixels=s.max_image_pixels,
-            max_set_images=s.max_set_images, workers=s.workers, queue_size=s.queue_size,
+            max_upload_bytes=s.max_upload_bytes, max_request_bytes=s.max_request_bytes,
+            max_image_pixels=s.max_image_pixels, max_decoded_pixels=s.max_decoded_pixels,
+            max_set_decoded_pixels=s.max_set_decoded_pixels, max_set_images=s.max_set_images,
+            max_faces=s.max_faces, workers=s.workers, queue_size=s.queue_size,
             request_timeout_s=s.request_timeout_s,
         )
 
