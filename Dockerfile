@@ -8,7 +8,7 @@
 # The page (service/facerecon/api/static): built once with node, copied into both images; no node at run time.
 FROM node:20-slim AS web
 WORKDIR /src/web
-COPY web/package.json web/package-lock.json ./
+COPY web/package.json web/package-lock.json web/.npmrc ./
 RUN npm ci --no-audit --no-fund
 COPY web/build.mjs ./
 COPY web/src ./src

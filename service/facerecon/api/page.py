@@ -76,7 +76,8 @@ def docs_router(static_dir: Path = STATIC_DIR, title: str = "facerecon") -> APIR
         return get_swagger_ui_html(
             openapi_url="/openapi.json", title=f"{title} - Swagger UI", oauth2_redirect_url="/docs/oauth2-redirect",
             swagger_js_url="/static/docs/swagger-ui-bundle.js", swagger_css_url="/static/docs/swagger-ui.css",
-            swagger_favicon_url="/static/docs/favicon-32x32.png")
+            swagger_favicon_url="/static/docs/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None})  # no badge fetched from the public validator
 
     @router.get("/docs/oauth2-redirect")
     async def swagger_ui_redirect() -> HTMLResponse:
