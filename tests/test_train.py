@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from facerecon.skin import GaussianMixture, SkinGMM
 from facerecon.train import data as D
@@ -85,7 +86,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         (models / f).symlink_to(FACE_MODEL.parent / f)
     cfg = RNetConfig(data=[str(photos)], out=str(tmp / "run"), val_data=[], models_dir=str(tmp / "models"),
                      steps=8, batch=4, lr=2e-3, warmup=1, lr_final=1.0, synthetic=8, synthetic_fraction=0.5,
-                     photo_per_batch=1, render_size=56, augment=False, val_people=0, val_every=0,
+                     photo_per_batch=1, render_size=56, augment=False, val_every=0,
                      checkpoint_every=4, seed=0, threads=2, device="cpu", progress=False)
     torch.manual_seed(0)
     ckpt = train_rnet(cfg)
@@ -149,3 +150,53 @@ def test_rnet_trunk_size_keeps_the_224_input() -> None:
     assert ReconNet(lay, "resnet18").trunk_size == 224  # the default changes nothing
     with pytest.raises(ValueError):
         ReconNet(lay, "resnet18", trunk_size=8)
+
+
+def test_identity_labels_and_the_fixed_holdout() -> None:
+    assert D.identity_from_name(Path("lfw/Aaron_Peirsol_0002.jpg")) == "Aaron_Peirsol"
+    assert D.identity_from_name(Path("cfp/images/train/017/profile/03.jpg")) == "cfp017"
+    assert D.identity_from_name(Path("misc/photo.jpg")) == ""
+    # a fixed 10 % of people, the same in every run and every evaluation (sha1 of the label)
+    people = [f"person_{i}" for i in range(2000)]
+    share = np.mean([D.is_validation_person(p) for p in people])
+    assert 0.08 < share < 0.12
+    assert not D.is_validation_person("")
+    assert D.is_validation_photo("/x/afw_helen/images/afw/1_1.jpg", "") and \
+        D.is_validation_photo("/x/afw_helen/images/helen_testset/1_1.jpg", "")
+    assert not D.is_validation_photo("/x/afw_helen/images/helen_trainset/1_1.jpg", "")
+
+
+def test_given_landmarks_are_targets_in_the_detectors_crop(tmp_path: Path) -> None:
+    """A photo with annotated landmarks is cropped from the detector's face (as at inference) and its annotation
+    is mapped into that crop; the detector's yaw is kept."""
+    from facerecon.detect import FaceDetector, select_faces
+    from facerecon.facemodel import FaceModel
+    from facerecon.pipeline import prepare_face
+
+    src = Path("/work/shared/data/faces-train/afw_helen")
+    with open(src / "landmarks_68.csv", newline="") as fh:
+        rows = [r for r in csv.reader(fh)][1:]
+    rows = [r for r in rows if r[0].startswith("helen_trainset/")][:2]
+    (tmp_path / "images" / "helen_trainset").mkdir(parents=True)
+    with open(tmp_path / "landmarks_68.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", *[f"{a}{i}" for i in range(68) for a in "xy"]])
+        for r in rows:
+            shutil.copy(src / "images" / r[0], tmp_path / "images" / r[0])
+            w.writerow(r)
+    model = FaceModel.from_file(FACE_MODEL)
+    entries = D.list_photos([tmp_path])
+    assert len(entries) == 2 and all(e.lm68 is not None for e in entries)
+    real = D.build_real_cache(entries, tmp_path / "cache", model.standard_lm5)
+    assert len(real) == 2 and real.given.all() and np.isfinite(real.yaw).all()
+    det = FaceDetector()
+    for i, e in enumerate(entries):
+        img = np.asarray(Image.open(e.path).convert("RGB"))
+        face = select_faces(det.detect(img, "largest"), "largest")[0]
+        p = prepare_face(img, face, model.standard_lm5)
+        assert np.array_equal(real.images[i], p.crop)
+        assert np.allclose(real.lm68[i], p.alignment.to_crop(e.lm68.astype(np.float64)), atol=1e-3)
+    again = D.build_real_cache(entries, tmp_path / "cache", model.standard_lm5)  # from the cache, same arrays
+    assert np.array_equal(again.images, real.images) and np.allclose(again.yaw, real.yaw)
+    both = D.RealSet.concat([real, again])
+    assert len(both) == 4 and both.paths[2] == real.paths[0]

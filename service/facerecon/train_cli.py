@@ -23,8 +23,10 @@ def _train_rnet(args: argparse.Namespace) -> int:
         face_model=args.face_model, models_dir=str(args.models_dir), steps=args.steps, batch=args.batch,
         backbone=args.backbone, trunk_size=args.trunk_size, lr=args.lr, synthetic=args.synthetic,
         synthetic_fraction=args.synthetic_fraction, synthetic_only=args.synthetic_only,
+        synthetic_yaw_deg=args.synthetic_yaw,
         photo_per_batch=args.photo_per_batch, render_size=args.render_size, perceptual=not args.no_perceptual,
-        augment=not args.no_augment, val_every=args.val_every, checkpoint_every=args.checkpoint_every,
+        augment=not args.no_augment, val_every=args.val_every, val_max=args.val_max,
+        checkpoint_every=args.checkpoint_every,
         seed=args.seed, threads=args.threads, device=args.device, cache_dir=str(args.cache_dir or ""),
         max_real=args.max_real, time_limit_s=args.time_limit * 60.0, progress=not args.no_progress,
     )
@@ -120,11 +122,14 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     r.add_argument("--models-dir", type=Path, default=Path("models"))
     r.add_argument("--steps", type=int, default=1000)
     r.add_argument("--batch", type=int, default=16)
-    r.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
-    r.add_argument("--trunk-size", type=int, default=112, help="px the trunk sees (224 = the reference)")
+    r.add_argument("--backbone", default="facemesh", choices=["facemesh", "resnet18", "resnet34", "resnet50"],
+                   help="facemesh: MediaPipe's pretrained face-mesh network (the CPU default, trunk at 192 px); "
+                        "resnet50 at 224: the paper's R-Net (for a GPU)")
+    r.add_argument("--trunk-size", type=int, default=192, help="px the trunk sees (224 = the reference)")
     r.add_argument("--lr", type=float, default=3e-4)
     r.add_argument("--synthetic", type=int, default=3000, help="synthetic pool size")
     r.add_argument("--synthetic-fraction", type=float, default=0.5)
+    r.add_argument("--synthetic-yaw", type=float, default=45.0, help="largest synthetic yaw, degrees")
     r.add_argument("--synthetic-only", action="store_true", help="no real photos (commercially clean weights)")
     r.add_argument("--photo-per-batch", type=int, default=2, help="real images per batch with photometric loss")
     r.add_argument("--render-size", type=int, default=112, choices=[56, 112, 224])
@@ -132,6 +137,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     r.add_argument("--no-augment", action="store_true")
     r.add_argument("--val-every", type=int, default=100)
     r.add_argument("--checkpoint-every", type=int, default=50)
+    r.add_argument("--val-max", type=int, default=50, help="held-out photos validated during the run")
     r.add_argument("--max-real", type=int, default=0, help="use only the first N photos (0 = all)")
     r.add_argument("--time-limit", type=float, default=0.0, help="minutes; stop (with a checkpoint) after it")
     _common(r)

@@ -4,8 +4,9 @@ Input (exactly as the reference PyTorch code, "PT"): ``image`` ``(B, 3, 224, 224
 values = 8-bit pixel / 255 in [0, 1], **no** mean/std normalisation, the 224x224 crop of the reference alignment
 (reference.md section 6). BGR or 0-255 input (the TF reference's convention) gives garbage, silently: convert first.
 
-Architecture: a ResNet trunk (:mod:`facerecon.nets.resnet`; ResNet-50 in the reference, ResNet-18 for a CPU-trainable
-default) whose pooled ``(B, C, 1, 1)`` features feed seven separate 1x1 convs with bias, sized by the face model's
+Architecture: a trunk (:mod:`facerecon.nets.resnet`: ResNet-50 in the reference, ResNet-18 for a CPU-trainable
+net; or the pretrained face-mesh network, :mod:`facerecon.nets.meshnet`, the CPU default) whose pooled
+``(B, C, 1, 1)`` features feed seven separate 1x1 convs with bias, sized by the face model's
 :class:`~facerecon.coefficients.CoefficientLayout`: id, exp, tex, angle (3), gamma (27), trans xy (2), trans z (1),
 concatenated in that order -> ``(B, layout.total)``. Module names (``backbone.*``, ``final_layers.{0..6}``) are the
 reference's, so the official checkpoint maps one to one (:mod:`facerecon.nets.checkpoint`). All head weights and
@@ -46,13 +47,14 @@ class ReconNet(nn.Module):
 
     Args:
         layout: the face model's coefficient layout (fixes the head sizes; ``layout.total`` outputs).
-        backbone: ``"resnet50"`` (the reference), ``"resnet34"`` or ``"resnet18"``.
+        backbone: ``"resnet50"`` (the reference), ``"resnet34"``, ``"resnet18"``, or ``"facemesh"``
+            (:class:`facerecon.nets.meshnet.MeshTrunk`: MediaPipe's pretrained face-mesh network, at 192 px).
         trunk_size: side (px) at which the trunk sees the 224 input (default 224 = the reference, nothing changes).
             A smaller value (e.g. 112 for a CPU-trained net) resizes inside the network, so the input stays the
             224 crop: an exact divisor of 224 uses average pooling, anything else bilinear resampling.
 
     Attributes:
-        layout, backbone_name, feature_dim (2048 for ResNet-50, 512 for ResNet-18/34), trunk_size.
+        layout, backbone_name, feature_dim (2048 for ResNet-50, 512 for ResNet-18/34 and the face mesh), trunk_size.
     """
 
     def __init__(self, layout: CoefficientLayout, backbone: str = "resnet50", *, trunk_size: int = INPUT_SIZE) -> None:
@@ -62,7 +64,15 @@ class ReconNet(nn.Module):
         self.layout = layout
         self.backbone_name = backbone
         self.trunk_size = int(trunk_size)
-        self.backbone = build_backbone(backbone)
+        self.backbone: nn.Module
+        if backbone == "facemesh":
+            from facerecon.nets.meshnet import MESH_INPUT, MeshTrunk
+
+            if self.trunk_size != MESH_INPUT:
+                raise ValueError(f"the facemesh trunk needs trunk_size={MESH_INPUT}, got {trunk_size}")
+            self.backbone = MeshTrunk()
+        else:
+            self.backbone = build_backbone(backbone)
         self.feature_dim: int = self.backbone.feature_dim
         self.final_layers = nn.ModuleList(
             nn.Conv2d(self.feature_dim, k, kernel_size=1, bias=True) for k in head_sizes(layout)

@@ -23,7 +23,7 @@ from facerecon.skin import skin_attention
 from facerecon.train import data as D
 from facerecon.train.checkpoints import load_checkpoint, load_rnet, save_checkpoint
 from facerecon.train.config import CNET_CHECKPOINT, CNetConfig, _device, _rng
-from facerecon.train.rnet import _progress, _progress_bar, _to_tensor_images
+from facerecon.train.rnet import _progress, _progress_bar, _to_tensor_images, real_photos
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,9 @@ def train_cnet(cfg: CNetConfig, resume: bool = False) -> Path:
     decoder = FaceDecoder(model)
     renderer = get_renderer("auto", device)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
-    entries = D.list_photos([Path(p) for p in cfg.data], limit=cfg.max_photos or None)
-    real = D.build_real_cache(entries, cache, model.standard_lm5, progress=_progress if cfg.progress else None)
+    real = real_photos(cfg.data, cache, model.standard_lm5, cfg.max_photos, _progress if cfg.progress else None)
+    # the held-out people (eval.consistency and eval.rnet_pose measure on them) never form a training set
+    real = real.subset([i for i, p in enumerate(real.identity) if not D.is_validation_person(p)])
     sets = _person_sets(real, cfg.min_set)
     if not sets:
         raise ValueError("no person with enough photos for an image set")

@@ -35,7 +35,8 @@ class RNetConfig:
     Attributes (units): lr per Adam step, cosine-decayed to ``lr * lr_final`` after ``warmup`` linear steps;
     ``synthetic_fraction`` of every batch is synthetic; ``photo_per_batch`` real images per batch get the
     photometric + perceptual terms, rendered at ``render_size`` px; ``time_limit_s`` stops (with a checkpoint)
-    after that many seconds of this process; ``val_people`` identities of the first annotated folder are held out.
+    after that many seconds of this process; held out (never trained on; ``val_max`` of them validate the run):
+    :func:`facerecon.train.data.is_validation_photo`; synthetic poses reach ``synthetic_yaw_deg`` of yaw.
     """
 
     data: list[str]
@@ -45,20 +46,20 @@ class RNetConfig:
     models_dir: str = "models"
     steps: int = 1000
     batch: int = 16
-    backbone: str = "resnet18"
-    trunk_size: int = 112
+    backbone: str = "facemesh"
+    trunk_size: int = 192
     lr: float = 3e-4
     lr_final: float = 0.1
     warmup: int = 30
     synthetic: int = 3000
     synthetic_fraction: float = 0.5
     synthetic_only: bool = False
+    synthetic_yaw_deg: float = 45.0
     photo_per_batch: int = 2
     render_size: int = 112
     perceptual: bool = True
     coef_supervision: float = 0.1
     augment: bool = True
-    val_people: int = 10
     val_max: int = 50
     val_every: int = 100
     checkpoint_every: int = 50
@@ -90,11 +91,14 @@ def _rng(seed: int, step: int, stream: int) -> tuple[np.random.Generator, torch.
     return np_rng, torch.Generator().manual_seed(int(np_rng.integers(0, 2**62)))
 
 
-def lr_at(step: int, cfg: RNetConfig) -> float:
-    """Linear warm-up then cosine decay to ``lr * lr_final`` at ``cfg.steps``."""
+def lr_at(step: int, cfg: RNetConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up then cosine decay to ``lr * lr_final`` at ``cfg.steps``, or earlier at ``cfg.time_limit_s``
+    seconds (``elapsed_s`` of this process) when a time limit would stop the run first."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    if cfg.time_limit_s > 0:
+        t = max(t, min(1.0, elapsed_s / cfg.time_limit_s))
     return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * t)))
 
 

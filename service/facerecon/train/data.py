@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 CROP = 224
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 #: Bump when the preprocessing changes, so old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 #: 68-point mirror re-indexing of the reference augmentation (reference.md section 12): index i of the flipped
 #: image takes landmark MIRROR_68[i] of the original.
@@ -98,7 +98,10 @@ def read_landmarks_csv(csv_path: Path) -> dict[str, np.ndarray]:
 
 
 def identity_from_name(path: Path) -> str:
-    """``First_Last_0001.jpg`` -> ``First_Last`` (LFW / YouTube Faces style names), else ``""``."""
+    """``First_Last_0001.jpg`` -> ``First_Last`` (LFW / YouTube Faces style names); CFP's
+    ``.../<person_id>/<frontal|profile>/NN.jpg`` -> ``cfp<person_id>``; else ``""``."""
+    if path.parent.name in ("frontal", "profile") and path.parent.parent.name.isdigit():
+        return f"cfp{path.parent.parent.name}"
     stem = path.stem
     head, _, tail = stem.rpartition("_")
     return head if head and tail.isdigit() else ""
@@ -132,6 +135,8 @@ class RealSet:
         lm68: ``(N, 68, 2)`` float32 crop pixels, y up.
         skin: ``(N, 224, 224)`` uint8 skin probability x 255.
         identity: N labels; paths: N source paths; given: ``(N,)`` bool, landmarks from an annotation file.
+        yaw: ``(N,)`` float32 the detector's yaw estimate in degrees (NaN where the crop came from given landmarks
+            alone).
     """
 
     images: np.ndarray
@@ -140,6 +145,11 @@ class RealSet:
     identity: list[str]
     paths: list[str]
     given: np.ndarray
+    yaw: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.yaw is None:
+            self.yaw = np.full(len(self.paths), np.nan, np.float32)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -147,11 +157,19 @@ class RealSet:
     def subset(self, index: Sequence[int] | np.ndarray) -> RealSet:
         ix = np.asarray(index, dtype=np.int64)
         return RealSet(self.images[ix], self.lm68[ix], self.skin[ix], [self.identity[i] for i in ix],
-                       [self.paths[i] for i in ix], self.given[ix])
+                       [self.paths[i] for i in ix], self.given[ix], self.yaw[ix] if self.yaw is not None else None)
+
+    @staticmethod
+    def concat(parts: Sequence[RealSet]) -> RealSet:
+        return RealSet(np.concatenate([p.images for p in parts]), np.concatenate([p.lm68 for p in parts]),
+                       np.concatenate([p.skin for p in parts]), [i for p in parts for i in p.identity],
+                       [q for p in parts for q in p.paths], np.concatenate([p.given for p in parts]),
+                       np.concatenate([p.yaw for p in parts if p.yaw is not None]))
 
 
 def preprocess_photo(image: np.ndarray, lm68_photo: np.ndarray | DetectedFace, lm3d5: np.ndarray,
-                     gmm: SkinGMM = REFERENCE_GMM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     gmm: SkinGMM = REFERENCE_GMM, *, target_lm68: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One photo -> ``(crop (224, 224, 3) uint8, lm68 (68, 2) float32 crop px y up, skin (224, 224) uint8)``.
 
     The crop is the pipeline's own (:func:`facerecon.pipeline.prepare_face`): what R-Net sees at inference.
@@ -159,7 +177,8 @@ def preprocess_photo(image: np.ndarray, lm68_photo: np.ndarray | DetectedFace, l
     Args:
         image: ``(H, W, 3)`` uint8 RGB; lm68_photo: ``(68, 2)`` given landmarks (photo pixels, y down), or the
             detector's face (then its pose recentres a turned face's crop as at inference); lm3d5: the face model's
-            5 standard 3D points (:attr:`FaceModel.standard_lm5`).
+            5 standard 3D points (:attr:`FaceModel.standard_lm5`); target_lm68: given landmarks (photo px, y down)
+            to return in the crop made from the detector's face (else the face's own landmarks).
 
     Raises:
         NoFaceFound: the landmarks cannot be aligned.
@@ -173,7 +192,8 @@ def preprocess_photo(image: np.ndarray, lm68_photo: np.ndarray | DetectedFace, l
         face = make_face((*lm.min(0).tolist(), *lm.max(0).tolist()), 1.0, lm.copy(), backend="given")
     p = prepare_face(image, face, lm3d5)
     skin = np.round(gmm.probability(p.crop) * 255.0).astype(np.uint8)
-    return p.crop, p.lm68_crop.astype(np.float32), skin
+    lm = p.lm68_crop if target_lm68 is None else p.alignment.to_crop(np.asarray(target_lm68, np.float64))
+    return p.crop, np.asarray(lm, np.float32), skin
 
 
 def _cache_key(entries: Sequence[PhotoEntry], gmm: SkinGMM) -> str:
@@ -196,8 +216,11 @@ def build_real_cache(
 ) -> RealSet:
     """Preprocess ``entries`` once and cache the result (``<cache_dir>/real_<key>.npz``); later calls load it.
 
-    Photos without given landmarks go through our detector (largest face); photos where that finds nothing, or
-    whose alignment is degenerate, are skipped (logged).
+    Every photo goes through our detector (largest face), so the crop is made as at inference (a turned face's crop
+    is recentred from the detector's pose). Given landmarks are the targets, mapped into that crop; when the
+    detector finds nothing or a face that disagrees with them (mean distance > 20 % of the given landmarks' box
+    side), the crop is made from the given landmarks instead. Photos without given landmarks take the detector's
+    68 points; photos where it finds nothing, or whose alignment is degenerate, are skipped (logged).
     """
     cache_dir = Path(cache_dir)
     cache_file = cache_dir / f"real_{_cache_key(entries, gmm)}.npz"
@@ -205,9 +228,10 @@ def build_real_cache(
         with np.load(cache_file, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             log.info("real photos: %d from cache %s", z["images"].shape[0], cache_file)
-            return RealSet(z["images"], z["lm68"], z["skin"], meta["identity"], meta["paths"], z["given"])
+            return RealSet(z["images"], z["lm68"], z["skin"], meta["identity"], meta["paths"], z["given"],
+                           z["yaw"])
     detector = None
-    images, lms, skins, ids, paths, given = [], [], [], [], [], []
+    images, lms, skins, ids, paths, given, yaws = [], [], [], [], [], [], []
     it: Iterable[PhotoEntry] = progress(entries) if progress is not None else entries
     skipped = 0
     for e in it:
@@ -217,22 +241,25 @@ def build_real_cache(
             log.warning("skipping unreadable %s: %s", e.path, exc)
             skipped += 1
             continue
-        lm = e.lm68
-        if lm is None:
-            if not detect_missing:
-                skipped += 1
-                continue
+        face: DetectedFace | None = None
+        if e.lm68 is not None or detect_missing:
             if detector is None:
                 from facerecon.detect import FaceDetector
 
                 detector = FaceDetector()
             faces = select_faces(detector.detect(img, "largest"), "largest")
-            if not faces:
-                skipped += 1
-                continue
-            lm = faces[0]
+            face = faces[0] if faces else None
+        if e.lm68 is not None and face is not None:
+            side = float(np.sqrt(np.prod(np.ptp(e.lm68, axis=0).clip(1.0))))
+            if float(np.linalg.norm(face.lm68 - e.lm68, axis=1).mean()) > 0.2 * side:
+                face = None
+        if face is None and e.lm68 is None:
+            skipped += 1
+            continue
         try:
-            crop, lm_crop, skin = preprocess_photo(img, lm, lm3d5, gmm)
+            align_with = face if face is not None else e.lm68
+            assert align_with is not None
+            crop, lm_crop, skin = preprocess_photo(img, align_with, lm3d5, gmm, target_lm68=e.lm68)
         except (ValueError, NoFaceFound) as exc:
             log.warning("skipping %s: %s", e.path, exc)
             skipped += 1
@@ -243,17 +270,33 @@ def build_real_cache(
         ids.append(e.identity)
         paths.append(str(e.path))
         given.append(e.lm68 is not None)
+        yaws.append(face.pose[1] if face is not None and face.pose is not None else np.nan)
     if not images:
         raise ValueError("no usable photo in the training folders")
-    real = RealSet(np.stack(images), np.stack(lms), np.stack(skins), ids, paths, np.asarray(given, bool))
+    real = RealSet(np.stack(images), np.stack(lms), np.stack(skins), ids, paths, np.asarray(given, bool),
+                   np.asarray(yaws, np.float32))
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta = json.dumps({"identity": ids, "paths": paths}).encode()
     tmp = cache_file.with_suffix(".tmp.npz")
-    np.savez(tmp, images=real.images, lm68=real.lm68, skin=real.skin, given=real.given,
+    np.savez(tmp, images=real.images, lm68=real.lm68, skin=real.skin, given=real.given, yaw=real.yaw,
              meta=np.frombuffer(meta, dtype=np.uint8))
     tmp.replace(cache_file)
     log.info("real photos: %d preprocessed (%d skipped), cached at %s", len(real), skipped, cache_file)
     return real
+
+
+def is_validation_person(identity: str) -> bool:
+    """The fixed 10 % of people never trained on (sha1 of the identity label; every folder, every run, every eval
+    that measures generalisation draws from these). Unlabelled photos (``""``) are not validation people."""
+    return bool(identity) and int(hashlib.sha1(identity.encode()).hexdigest(), 16) % 10 == 0
+
+
+#: Folders never trained on (the 300-W validation halves of ``afw_helen``), matched on the path.
+VALIDATION_FOLDERS = ("/afw/", "/helen_testset/")
+
+
+def is_validation_photo(path: str, identity: str) -> bool:
+    return is_validation_person(identity) or any(f in path for f in VALIDATION_FOLDERS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,13 +403,15 @@ def render_synthetic(decoder: FaceDecoder, renderer: Renderer, n: int, seed: int
 
 
 def synthetic_pool(decoder: FaceDecoder, renderer: Renderer, n: int, seed: int, cache_dir: Path,
-                   progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> SyntheticPool:
-    """:func:`render_synthetic`, cached as ``<cache_dir>/synthetic_<model>_<n>_<seed>.npz``."""
-    path = Path(cache_dir) / f"synthetic_{decoder.model.name}_{n}_{seed}_v{CACHE_VERSION}.npz"
+                   progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+                   cfg: SyntheticConfig = SyntheticConfig()) -> SyntheticPool:
+    """:func:`render_synthetic`, cached as ``<cache_dir>/synthetic_<model>_<n>_<seed>[_yaw<deg>].npz``."""
+    tag = "" if cfg == SyntheticConfig() else f"_yaw{cfg.yaw_deg:g}_pitch{cfg.pitch_deg:g}"
+    path = Path(cache_dir) / f"synthetic_{decoder.model.name}_{n}_{seed}{tag}_v{CACHE_VERSION}.npz"
     if path.is_file():
         log.info("synthetic photos: %d from cache %s", n, path)
         return SyntheticPool.load(path)
-    pool = render_synthetic(decoder, renderer, n, seed, progress=progress)
+    pool = render_synthetic(decoder, renderer, n, seed, progress=progress, cfg=cfg)
     pool.save(path)
     log.info("synthetic photos: %d rendered, cached at %s", n, path)
     return pool

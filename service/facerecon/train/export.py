@@ -21,6 +21,10 @@ DATASET_NOTES = {
     "ytf_68pt": "YouTube Faces frames with 68 landmarks (Wolf et al. 2011; via udacity/P1_Facial_Keypoints, MIT "
                 "repository): research use only",
     "lfw": "Labeled Faces in the Wild (Huang et al. 2007): research use only",
+    "lfw_more": "Labeled Faces in the Wild (Huang et al. 2007), one photo per further person: research use only",
+    "afw_helen": "AFW (Zhu & Ramanan 2012) and HELEN (Le et al. 2012) Flickr photos with the 300-W 68-point "
+                 "annotations (Sagonas et al. 2013; HELEN train half only): research use only",
+    "cfp": "Celebrities in Frontal-Profile (Sengupta et al. 2016), frontal and profile photos: research use only",
     "deep3d-examples": "Deep3DFaceRecon example photos (CelebA and others): non-commercial research",
     "deep3dfacerecon_examples": "Deep3DFaceRecon example photos (CelebA and others): non-commercial research",
     "misc": "demo photos of face-reconstruction repositories (MIT / non-commercial research licences)",
@@ -47,7 +51,8 @@ def _last_row(path: Path) -> dict[str, str]:
 def _licence(real_data: bool) -> tuple[str, str, bool]:
     if real_data:
         return ("research-only (trained on research-only data)",
-                "Weights trained on research-only data (YouTube Faces frames, LFW): research and non-commercial use "
+                "Weights trained on research-only data (YouTube Faces, LFW, CFP, 300-W's AFW/HELEN annotations): "
+                "research and non-commercial use "
                 "only. The face model (ICT FaceKit light) is MIT. Shipped with facerecon for research use, plainly "
                 "marked; FACERECON_USE_NETWORKS=false serves without it.", True)
     return ("MIT", "Trained on synthetic renders of the MIT ICT FaceKit face model only.", True)
@@ -94,6 +99,8 @@ def export_run(run_dir: Path, models_dir: Path | None = None, *, weights_fp16: b
         if k != "step":
             training[k if k.startswith("val_") else f"val_{k}"] = float(v)
     notes = [f"run config: {json.dumps({k: getattr(cfg, k) for k in ('seed', 'augment', 'render_size')})}",
+             *(["trunk initialised from MediaPipe's face-mesh network (Apache-2.0; facerecon's ONNX port in "
+                "facerecon/assets/mediapipe/face_landmark.onnx)"] if cfg.backbone == "facemesh" else []),
              f"model card: models/{cfg.face_model}/MODEL_CARD_RNET.md"]
     eval_file = run_dir / "eval.json"
     if eval_file.is_file():

@@ -47,18 +47,30 @@ class RunData:
     synthetic_val: D.SyntheticPool
 
 
-def _identity_split(real: D.RealSet, n_people: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out ``n_people`` identities among photos with given landmarks (none of their photos is trained on)."""
-    people = sorted({p for p, g in zip(real.identity, real.given, strict=True) if p and g})
-    rng = np.random.default_rng([seed, 7])
-    held = set(rng.choice(people, size=min(n_people, len(people)), replace=False).tolist()) if people else set()
-    is_val = np.array([p in held for p in real.identity])
+def _holdout_split(real: D.RealSet) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of photos to train on and of held-out photos (:func:`facerecon.train.data.is_validation_photo`:
+    the fixed 10 % of people and the 300-W validation folders; none of their photos is trained on)."""
+    is_val = np.array([D.is_validation_photo(p, i) for p, i in zip(real.paths, real.identity, strict=True)])
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def real_photos(folders: list[str], cache: Path, lm3d5: np.ndarray, limit: int = 0,
+                progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None) -> D.RealSet:
+    """Every photo of ``folders`` through :func:`facerecon.train.data.build_real_cache`, one cache per folder (so
+    folders are prepared once, in parallel if wanted, and shared by runs that use them)."""
+    parts = []
+    for folder in folders:
+        entries = D.list_photos([Path(folder)], limit=limit or None)
+        if entries:
+            parts.append(D.build_real_cache(entries, cache, lm3d5, progress=progress))
+    if not parts:
+        raise ValueError(f"no photos in {folders}")
+    return D.RealSet.concat(parts)
 
 
 def prepare_data(cfg: RNetConfig, decoder: FaceDecoder, renderer: Renderer,
                  progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None) -> RunData:
-    """Build (or load from the cache) the real photo sets, the split and the synthetic pools."""
+    """Build (or load from the cache) the real photo sets, the held-out split and the synthetic pools."""
     out = Path(cfg.out)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     lm3d5 = decoder.model.standard_lm5
@@ -66,28 +78,22 @@ def prepare_data(cfg: RNetConfig, decoder: FaceDecoder, renderer: Renderer,
     train: D.RealSet | None = None
     val: D.RealSet | None = None
     if cfg.data:
-        entries = D.list_photos([Path(p) for p in cfg.data], limit=cfg.max_real or None)
-        real = D.build_real_cache(entries, cache, lm3d5, progress=progress)
-        tr, va = _identity_split(real, cfg.val_people, cfg.seed)
+        real = real_photos(cfg.data, cache, lm3d5, cfg.max_real, progress)
+        tr, va = _holdout_split(real)
         rng = np.random.default_rng([cfg.seed, 8])
         va = np.sort(rng.permutation(va)[: cfg.val_max]) if len(va) else va
         # synthetic-only runs still validate on the same held-out real photos, but never train on real pixels
         train, val = (None if cfg.synthetic_only else real.subset(tr)), real.subset(va)
     if cfg.val_data:
-        extra = D.build_real_cache(D.list_photos([Path(p) for p in cfg.val_data]), cache, lm3d5, progress=progress)
-        val = extra if val is None else _concat(val, extra)
+        extra = real_photos(cfg.val_data, cache, lm3d5, 0, progress)
+        val = extra if val is None else D.RealSet.concat([val, extra])
     if val is not None:
         split = {"train_photos": len(train) if train is not None else 0, "val_paths": val.paths}
         split_file.write_text(json.dumps(split, indent=1))
-    pool = D.synthetic_pool(decoder, renderer, cfg.synthetic, cfg.seed, cache)
-    pool_val = D.synthetic_pool(decoder, renderer, 200, cfg.seed + 12345, cache)
+    syn = D.SyntheticConfig(yaw_deg=cfg.synthetic_yaw_deg)
+    pool = D.synthetic_pool(decoder, renderer, cfg.synthetic, cfg.seed, cache, cfg=syn)
+    pool_val = D.synthetic_pool(decoder, renderer, 200, cfg.seed + 12345, cache, cfg=syn)
     return RunData(train, val, pool, pool_val)
-
-
-def _concat(a: D.RealSet, b: D.RealSet) -> D.RealSet:
-    return D.RealSet(np.concatenate([a.images, b.images]), np.concatenate([a.lm68, b.lm68]),
-                     np.concatenate([a.skin, b.skin]), a.identity + b.identity, a.paths + b.paths,
-                     np.concatenate([a.given, b.given]))
 
 
 def _to_tensor_images(x: np.ndarray, device: torch.device) -> Tensor:
@@ -240,7 +246,7 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
             t0 = time.perf_counter()
             rng, _ = _rng(cfg.seed, step, 0)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
+                g["lr"] = lr_at(step, cfg, time.perf_counter() - t_start)
             parts, row = [], {}
             s_img, s_vec, s_lm = _synthetic_batch(rd, n_syn, rng, device)
             parts.append(s_img)
