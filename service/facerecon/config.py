@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     max_decoded_pixels: int = Field(
         4_000_000, gt=0, description="a photo with more pixels is decoded downscaled (integer factor) to fit")
     max_set_decoded_pixels: int = Field(
-        16_000_000, gt=0, description="decoded pixels of a whole set; each photo gets its share (<= the above)")
+        8_000_000, gt=0, description="decoded pixels of a whole set; each photo gets its share (<= the above)")
     decode_memory_bytes: int = Field(
         256 * 1024 * 1024, gt=0, description="memory all decodes in flight may use together; more waits")
     max_faces: int = Field(16, gt=0, description="most faces reconstructed for faces=all (the largest ones)")

@@ -103,8 +103,10 @@ _SIGNATURES: tuple[tuple[int, bytes], ...] = (
 )
 #: Bytes per pixel of Pillow's in-memory storage by mode (RGB is stored in 4 bytes, as RGBX).
 _STORAGE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
-#: Modes ``Image.reduce`` does not take: converted first (full size, counted in the estimate).
+#: Modes ``Image.reduce`` does not take (and ``P``): converted strip by strip to these before reducing.
 _REDUCE_VIA = {"1": "L", "I;16": "I", "I;16B": "I", "I;16L": "I", "I;16N": "I"}
+#: Pixels of one strip converted at a time (4 MB at 4 bytes a pixel).
+_STRIP_PIXELS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class ImageProbe:
     #: the factor the decode will reduce by (1 = full size) under the probe's ``max_decoded_pixels``
     scale_factor: int
     #: an upper estimate of the bytes the decode allocates at its peak (Pillow's full-size or drafted image, a
-    #: converted copy when the mode needs one, the reduced image and the returned array)
+    #: converted strip when the mode needs one, the reduced image and the returned array)
     decode_bytes: int
 
     @property
@@ -163,9 +165,9 @@ def _estimate(fmt: str, width: int, height: int, mode: str, factor: int) -> int:
     first = _jpeg_draft_scale(factor) if fmt in ("JPEG", "MPO") else 1
     full = -(-width // first) * -(-height // first)
     per_px = _STORAGE_BYTES.get(mode, 4)
-    converted = full * 4 if mode in _REDUCE_VIA and factor > 1 else 0
+    converted = 8 * _STRIP_PIXELS if factor > 1 else 0
     out = -(-width // factor) * -(-height // factor)
-    # the decoded (or drafted) image, a converted copy, the reduced image (4 B/px), the RGB array and a conversion
+    # the decoded (or drafted) image, a converted strip, the reduced image (4 B/px), the RGB array and a conversion
     return full * per_px + converted + out * (4 + 3 + 4)
 
 
@@ -330,18 +332,25 @@ def _transpose(im: Image.Image, orientation: int) -> Image.Image:
 
 
 def _reduce_to(im: Image.Image, width: int, height: int) -> Image.Image:
-    """``im`` reduced to ``width x height`` (box filter): ``Image.reduce`` by an integer factor, or a box resize
-    from a JPEG drafted to a libjpeg scale; the larger image is freed."""
+    """``im`` reduced to ``width x height`` (box filter); the larger image is freed by the caller.
+
+    An integer factor is applied strip by strip (crop, convert when ``reduce`` does not take the mode -- palette,
+    1-bit, 16-bit --, reduce, paste), so no full-size copy is made (``reduce`` itself would premultiply a full-size
+    RGBA copy); a JPEG drafted to a libjpeg scale is box-resized to the exact size."""
     if im.size == (width, height):
         return im
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif im.mode in _REDUCE_VIA:
-        im = im.convert(_REDUCE_VIA[im.mode])
     factor = -(-im.width // width)
-    if -(-im.width // factor) == width and -(-im.height // factor) == height:
-        return im.reduce(factor)
-    return im.resize((width, height), Image.Resampling.BOX)
+    if -(-im.width // factor) != width or -(-im.height // factor) != height:
+        return im.resize((width, height), Image.Resampling.BOX)
+    target = ("RGBA" if "transparency" in im.info else "RGB") if im.mode == "P" else _REDUCE_VIA.get(im.mode, im.mode)
+    out = Image.new(target, (width, height))
+    rows = factor * max(1, _STRIP_PIXELS // max(1, im.width * factor))  # whole output rows per strip
+    for y in range(0, im.height, rows):
+        strip = im.crop((0, y, im.width, min(im.height, y + rows)))
+        if strip.mode != target:
+            strip = strip.convert(target)
+        out.paste(strip.reduce(factor), (0, y // factor))
+    return out
 
 
 def _check_bytes(data: bytes, max_bytes: int) -> int:
