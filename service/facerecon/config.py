@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     face_model: str = Field("ict", description="name of the face model to serve (a sub-folder of models_dir)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for decoding/fitting")
     renderer: Literal["auto", "cpu", "nvdiffrast"] = Field("auto", description="rasteriser backend")
+    cache_dir: Path | None = Field(
+        None, description="cache of decompressed networks (default $XDG_CACHE_HOME/facerecon, else "
+                          "~/.cache/facerecon; unwritable: decompressed in memory at every start)")
+    onnx_threads: int | None = Field(
+        None, ge=0, description="onnxruntime intra-op threads of the R-Net/C-Net sessions (default: torch_threads; "
+                                "0: onnxruntime's default, one per core)")
     torch_threads: int = Field(
         1, ge=0, description="torch intra-op threads (1: bit-reproducible results; 0: torch's default)"
     )
@@ -77,6 +83,22 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
+
+
+def network_cache_dir(settings: Settings) -> Path:
+    """Where decompressed networks are cached: ``settings.cache_dir``, else ``$XDG_CACHE_HOME/facerecon``, else
+    ``~/.cache/facerecon``."""
+    import os
+
+    if settings.cache_dir is not None:
+        return settings.cache_dir
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "facerecon"
+
+
+def onnx_threads(settings: Settings) -> int:
+    """The intra-op threads of the networks' onnxruntime sessions: ``onnx_threads``, else ``torch_threads``."""
+    return settings.torch_threads if settings.onnx_threads is None else settings.onnx_threads
 
 
 @lru_cache(maxsize=1)

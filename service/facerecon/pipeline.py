@@ -18,12 +18,13 @@ that need the engine's model and renderer); each stage's work lives in its own m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 from facerecon import __version__
 from facerecon.align import align_face
 from facerecon.coefficients import Coefficients
-from facerecon.config import Settings, get_settings, resolve_device
+from facerecon.config import Settings, get_settings, network_cache_dir, onnx_threads, resolve_device
 from facerecon.decoder import DecodedFace, FaceDecoder
 from facerecon.detect import DetectedFace, FaceDetector, Which, select_faces
 from facerecon.errors import ExportNotSupported, FaceReconError, NoFaceFound, TooManyImages
@@ -69,7 +70,9 @@ def _load_networks(settings: Settings, model: FaceModel) -> tuple[OnnxNet | None
         if not settings.use_networks or not card.is_file():
             nets.append(None)
             continue
-        nets.append(OnnxNet.for_face_model(npz, kind, device=settings.device))  # type: ignore[arg-type]
+        nets.append(OnnxNet.for_face_model(  # type: ignore[arg-type]
+            npz, kind, device=settings.device, intra_op_threads=onnx_threads(settings),
+            cache_dir=network_cache_dir(settings)))
     rnet, cnet = nets
     if rnet is None and cnet is not None:
         log.warning("a C-Net without an R-Net is unused")
@@ -132,7 +135,8 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 
 class Reconstructor:
-    """Holds the loaded models once; thread-safe for concurrent calls (the torch parts run under one lock)."""
+    """Holds the loaded models once; thread-safe for concurrent calls, which run in parallel (with a renderer that
+    is not thread-safe, the fit and texture stages take turns)."""
 
     def __init__(
         self,
@@ -160,7 +164,11 @@ class Reconstructor:
         self.lm3d5 = self.model.standard_lm5
         self.overlay_triangles = _overlay_triangles(self.model)
         self.rnet, self.cnet = _load_networks(self.settings, self.model)
-        self._lock = threading.Lock()
+        # onnxruntime sessions, torch decoding and autograd and the CPU rasteriser (stateless numba kernels) are
+        # safe to run from several threads at once, so concurrent requests share nothing but the read-only models;
+        # a renderer that keeps a device context (nvdiffrast) serialises the fits and textures that use it.
+        self._lock: AbstractContextManager[Any] = (
+            contextlib.nullcontext() if getattr(self.renderer, "thread_safe", False) else threading.Lock())
         log.info(
             "reconstructor ready: face model %s, device %s, renderer %s, R-Net %s",
             self.model.name, self.device, self.renderer.name,

@@ -18,9 +18,12 @@ share the intra-op thread pool.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import lzma
+import os
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +60,7 @@ class OnnxNet:
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         intra_op_threads: onnxruntime intra-op threads (0 = its default).
         allow_spinning: let idle intra-op threads spin (lower latency for one caller, wasted CPU for many).
+        cache_dir: where an xz-compressed network is kept decompressed between starts (None: in memory only).
 
     Attributes:
         card: the validated :class:`~facerecon.nets.cards.NetworkCard`; path: the onnx file;
@@ -75,13 +79,14 @@ class OnnxNet:
         device: Literal["auto", "cpu", "cuda"] = "auto",
         intra_op_threads: int = 0,
         allow_spinning: bool = False,
+        cache_dir: Path | None = None,
     ) -> None:
         card_path = Path(card_path)
         card = read_network_card(card_path)
         path = card_path.parent / str(card.file)
         self.card: NetworkCard = card
         self.path = path
-        data = self._read_checked(card, path)
+        data = self._read_checked(card, path, cache_dir)
         self._check_compat(card, kind, expected_layout, face_model_name, face_model_sha256, strict_face_model)
         wanted = select_providers(device)
         try:  # from the very bytes that were hashed
@@ -122,35 +127,34 @@ class OnnxNet:
         )
 
     @staticmethod
-    def _read_checked(card: NetworkCard, path: Path) -> bytes:
+    def _read_checked(card: NetworkCard, path: Path, cache_dir: Path | None = None) -> bytes:
         """The file's bytes, after checking their size and sha256 against the card.
 
         A network may be stored xz-compressed beside its card (``rnet.onnx.xz``, see :func:`compress_network`);
-        it is then decompressed in memory, and the card's size and sha256 apply to the decompressed bytes.
+        the card's size and sha256 apply to the decompressed bytes. Decompressing the R-Net costs ~1 s of CPU, so the
+        result is kept in ``cache_dir`` as ``<sha256>.onnx`` (content-addressed: a new network is a new file) and
+        read from there on later starts, checked against the card like any network file; a cache entry that fails
+        the check is replaced. An unwritable ``cache_dir`` (or ``None``) means decompressing in memory each time.
+        A plain ``.onnx`` beside the card is read as it is (no cache).
         """
         packed = path.with_name(path.name + XZ_SUFFIX)
         try:
             if not path.is_file() and packed.is_file():
+                cached = _cache_read(cache_dir, card)
+                if cached is not None:
+                    return cached
                 data = lzma.decompress(packed.read_bytes())
-            else:
-                data = path.read_bytes()
+                _check_bytes(card, path, data)
+                _cache_write(cache_dir, card, data)
+                return data
+            data = path.read_bytes()
         except FileNotFoundError:
             raise ModelFileError(f"network file {path} named by its card is missing") from None
         except lzma.LZMAError as exc:
             raise ModelFileError(f"network file {packed} is not valid xz data ({exc}); re-export it") from exc
         except OSError as exc:
             raise ModelFileError(f"network file {path} is unreadable: {exc}") from exc
-        if len(data) != card.bytes:
-            raise ModelFileError(
-                f"network {path} has {len(data)} bytes, its card says {card.bytes} "
-                "(truncated or replaced; re-export it)"
-            )
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != card.sha256:
-            raise ModelFileError(
-                f"network {path} does not match its card: sha256 {actual[:12]}… != {str(card.sha256)[:12]}… "
-                "(the file is corrupt or was replaced; re-export it)"
-            )
+        _check_bytes(card, path, data)
         return data
 
     def _check_embedded_card(self, card: NetworkCard, path: Path) -> None:
@@ -241,6 +245,65 @@ class OnnxNet:
 
 
 XZ_SUFFIX = ".xz"
+
+
+def _check_bytes(card: NetworkCard, path: Path, data: bytes) -> None:
+    if len(data) != card.bytes:
+        raise ModelFileError(
+            f"network {path} has {len(data)} bytes, its card says {card.bytes} (truncated or replaced; re-export it)"
+        )
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != card.sha256:
+        raise ModelFileError(
+            f"network {path} does not match its card: sha256 {actual[:12]}… != {str(card.sha256)[:12]}… "
+            "(the file is corrupt or was replaced; re-export it)"
+        )
+
+
+def cache_path(cache_dir: Path, card: NetworkCard) -> Path:
+    """Where a decompressed network is cached: ``<cache_dir>/networks/<sha256>.onnx``."""
+    return Path(cache_dir) / "networks" / f"{card.sha256}.onnx"
+
+
+def _cache_read(cache_dir: Path | None, card: NetworkCard) -> bytes | None:
+    """The cached decompressed network when present and matching the card, else None (a bad entry is removed)."""
+    if cache_dir is None:
+        return None
+    target = cache_path(cache_dir, card)
+    try:
+        data = target.read_bytes()
+    except OSError:
+        return None
+    if len(data) == card.bytes and hashlib.sha256(data).hexdigest() == card.sha256:
+        return data
+    log.warning("cached network %s does not match its card; decompressing again", target)
+    with contextlib.suppress(OSError):
+        target.unlink()
+    return None
+
+
+def _cache_write(cache_dir: Path | None, card: NetworkCard, data: bytes) -> None:
+    """Store a verified decompressed network (atomically: a temporary file renamed into place); an unwritable
+    cache is logged and skipped."""
+    if cache_dir is None:
+        return
+    target = cache_path(cache_dir, card)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.chmod(tmp, 0o644)  # readable like the shipped file (an image warmed up at build time by another user)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        log.info("network cache %s not writable (%s): decompressing in memory at every start", target.parent, exc)
+        return
+    log.info("cached the decompressed %s network as %s", card.kind, target)
 
 
 def compress_network(path: Path) -> Path:

@@ -149,6 +149,8 @@ class Renderer(abc.ABC):
     name: str = ""
     #: Whether :meth:`antialias` (and ``render(..., antialias=True)``) is available.
     supports_antialias: bool = False
+    #: Whether several threads may call one renderer at once (the pipeline serialises a renderer that is not).
+    thread_safe: bool = False
 
     @property
     @abc.abstractmethod

@@ -558,6 +558,7 @@ class CpuRenderer(Renderer):
     """
 
     name = "cpu"
+    thread_safe = True
 
     @property
     def device(self) -> torch.device:
