@@ -54,6 +54,12 @@ def peak_rss_mib(pid: int) -> float:
     return proc_status_kib(pid, "VmHWM") / 1024.0
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Set ``VmHWM`` back to the current RSS (Linux: ``5`` into ``/proc/<pid>/clear_refs``), to measure the peak of
+    what follows."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 @dataclass
 class ServerProcess:
     """A ``facerecon serve`` subprocess; ``log`` is the file its stdout/stderr go to."""
@@ -71,6 +77,9 @@ class ServerProcess:
 
     def peak_rss_mib(self) -> float:
         return peak_rss_mib(self.pid)
+
+    def reset_peak_rss(self) -> None:
+        reset_peak_rss(self.pid)
 
     def log_tail(self, n: int = 40) -> str:
         try:

@@ -299,13 +299,16 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
 
 def _high_depth_grey_to_rgb8(im: Image.Image) -> np.ndarray:
     """``I;16*``/``I`` (0..65535) and ``F`` images to 8-bit RGB, replicating the grey channel."""
-    grey = np.asarray(im).astype(np.float64)  # numpy honours I;16B's byte order; float64 is native
     if im.mode == "F":
-        grey = np.nan_to_num(grey, nan=0.0, posinf=255.0, neginf=0.0)
+        grey = np.nan_to_num(np.asarray(im).astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
         scaled = grey * 255.0 if grey.size and float(grey.max()) <= 1.0 else grey
-    else:
-        scaled = grey / 257.0
-    g8 = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        g8 = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    else:  # round(v / 257) in integers (never a tie: 2v = 257 (2k + 1) has no integer v), a quarter of the memory
+        grey = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)  # numpy honours I;16B's byte order
+        grey *= 2
+        grey += 257
+        grey //= 514
+        g8 = grey.astype(np.uint8)
     return np.repeat(g8[:, :, None], 3, axis=2)
 
 

@@ -8,6 +8,9 @@ may use together, the end of the shutdown grace period, and the client going awa
   ``over`` event fires ``graceful_timeout_s`` later. Work still waiting or running then is cancelled and the
   request answers the JSON 503 ``shutting_down`` with ``Retry-After``, before uvicorn would cancel it into a
   plain-text 500.
+* :func:`release_free_memory`: after a large decode, hands the freed pages back to the system (glibc keeps freed
+  memory in per-thread arenas: without it, RSS stays ~250 MiB above idle after one 40 MP PNG, though nothing is
+  in use).
 * :func:`guarded`: runs a request's work while watching both, and the client's ``http.disconnect`` once its body
   is read: a gone client's job is dropped from the queue, or stopped at its next stage boundary.
 """
@@ -17,6 +20,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -27,7 +33,7 @@ from starlette.types import Receive
 from facerecon.api.errors import ClientDisconnected, ShuttingDown
 from facerecon.api.workers import SHUTDOWN_RETRY_S, Ticket
 
-__all__ = ["MemoryBudget", "ShutdownGrace", "guarded"]
+__all__ = ["MemoryBudget", "ShutdownGrace", "guarded", "release_free_memory"]
 
 log = logging.getLogger("facerecon.api")
 
@@ -83,6 +89,27 @@ class MemoryBudget:
                 continue
             self.used += n
             future.set_result(None)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        return None
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
+    return trim  # type: ignore[no-any-return]
+
+
+def release_free_memory() -> None:
+    """Return the heap's free pages to the system (glibc ``malloc_trim``; a no-op elsewhere). Milliseconds; call
+    off the event loop after freeing a large buffer."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class ShutdownGrace:

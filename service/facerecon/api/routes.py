@@ -31,7 +31,7 @@ from facerecon.api.forms import (
     parse_options,
     read_form,
 )
-from facerecon.api.guard import guarded
+from facerecon.api.guard import guarded, release_free_memory
 from facerecon.api.jobs import Output, reconstruct_job, reconstruct_set_job, server_timing
 from facerecon.api.schemas import (
     MESH_FORMATS,
@@ -193,11 +193,14 @@ def build_router(settings: Settings) -> APIRouter:
                                               **field_error("image", "field required", "missing"))
             photo = await _decode(state, form.files.pop(), deadline, timings, s.max_decoded_pixels)
             submitted = time.perf_counter()
-            result = await state.pool.run(  # type: ignore[union-attr]
-                lambda: reconstruct_job(rec, photo, opts, fmt, timings, submitted, state.expression_names,
-                                        state.face_model or "unknown", ticket=ticket, max_faces=s.max_faces),
-                timeout=max(0.001, deadline - time.perf_counter()), ticket=ticket,
-            )
+            try:
+                result = await state.pool.run(  # type: ignore[union-attr]
+                    lambda: reconstruct_job(rec, photo, opts, fmt, timings, submitted, state.expression_names,
+                                            state.face_model or "unknown", ticket=ticket, max_faces=s.max_faces),
+                    timeout=max(0.001, deadline - time.perf_counter()), ticket=ticket,
+                )
+            finally:
+                await _after_large(state, photo.image.size)
             return result.value
 
         return _respond(state, await _serve(state, request, deadline, work), t_start)
@@ -249,11 +252,14 @@ def build_router(settings: Settings) -> APIRouter:
                     raise
                 upload.data = bytearray()  # the encoded bytes are not needed any more
             submitted = time.perf_counter()
-            result = await state.pool.run(  # type: ignore[union-attr]
-                lambda: reconstruct_set_job(rec, photos, opts, fmt, timings, submitted, state.expression_names,
-                                            state.face_model or "unknown", ticket=ticket),
-                timeout=max(0.001, deadline - time.perf_counter()), ticket=ticket,
-            )
+            try:
+                result = await state.pool.run(  # type: ignore[union-attr]
+                    lambda: reconstruct_set_job(rec, photos, opts, fmt, timings, submitted, state.expression_names,
+                                                state.face_model or "unknown", ticket=ticket),
+                    timeout=max(0.001, deadline - time.perf_counter()), ticket=ticket,
+                )
+            finally:
+                await _after_large(state, sum(p.image.size for p in photos))
             return result.value
 
         return _respond(state, await _serve(state, request, deadline, work), t_start)
@@ -306,10 +312,23 @@ async def _decode(state: ServiceState, upload: Upload, deadline: float, timings:
             header = await anyio.to_thread.run_sync(probe, limiter=state.decode_limiter)
             async with state.decode_budget.hold(header.decode_bytes):
                 photo = await anyio.to_thread.run_sync(decode, limiter=state.decode_limiter)
+                if header.scale_factor > 1:  # a full-size image was decoded and dropped: give its pages back
+                    await anyio.to_thread.run_sync(release_free_memory, limiter=state.decode_limiter)
     except TimeoutError:
         raise RequestTimedOut("decoding the photo did not finish within the request deadline") from None
     timings["image"] = timings.get("image", 0.0) + (time.perf_counter() - t0) * 1000.0
     return photo
+
+
+#: Decoded bytes above which a request's end hands the freed heap back to the system (:func:`release_free_memory`).
+TRIM_AFTER_BYTES = 8 * 1024 * 1024
+
+
+async def _after_large(state: ServiceState, decoded_bytes: int) -> None:
+    """After a request over large photos, give its freed memory back (glibc keeps it in the threads' arenas)."""
+    if decoded_bytes >= TRIM_AFTER_BYTES:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(release_free_memory, limiter=state.decode_limiter)
 
 
 def _respond(state: ServiceState, out: Output, t_start: float) -> Response:
