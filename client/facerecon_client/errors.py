@@ -104,7 +104,12 @@ class NotAcceptable(InvalidInput):
 
 
 class UploadTimeout(InvalidInput):
-    """408 ``upload_timeout``: the upload was too slow."""
+    """408 ``upload_timeout`` / ``header_timeout``: the upload (or the request's headers) was too slow."""
+
+
+class ClientClosedRequest(InvalidInput):
+    """499 ``client_closed_request``: the service saw the client hang up (recorded in its metrics; a client that
+    waits for its answer never receives it)."""
 
 
 class RequestTooLarge(InvalidInput):
@@ -116,7 +121,8 @@ class NotFound(InvalidInput):
 
 
 class AccessDenied(InvalidInput):
-    """401 ``unauthorized`` / 403 ``forbidden``."""
+    """401 ``unauthorized`` / 403 ``forbidden``; 400 ``invalid_host`` (the ``Host`` header is not one the service
+    answers for) or ``cors_rejected`` (a browser origin it does not allow)."""
 
 
 class Unavailable(ServiceError):
@@ -129,6 +135,11 @@ class Overloaded(Unavailable):
 
 class NotReady(Unavailable):
     """503 ``not_ready``: the service is loading its models."""
+
+
+class ShuttingDown(Unavailable):
+    """503 ``shutting_down``: the service is stopping (a restart or another replica will answer the retry);
+    ``cancelled``: the request's work was stopped on the service's side."""
 
 
 class ServiceTimeout(ServiceError):
@@ -153,6 +164,10 @@ ERRORS_BY_CODE: dict[str, type[ServiceError]] = {
     "unsupported_media_type": UnsupportedMediaType,
     "not_acceptable": NotAcceptable,
     "upload_timeout": UploadTimeout,
+    "header_timeout": UploadTimeout,
+    "client_closed_request": ClientClosedRequest,
+    "invalid_host": AccessDenied,
+    "cors_rejected": AccessDenied,
     "request_too_large": RequestTooLarge,
     "not_found": NotFound,
     "method_not_allowed": NotFound,
@@ -162,6 +177,8 @@ ERRORS_BY_CODE: dict[str, type[ServiceError]] = {
     "too_many_requests": Unavailable,
     "overloaded": Overloaded,
     "not_ready": NotReady,
+    "shutting_down": ShuttingDown,
+    "cancelled": ShuttingDown,
     "timeout": ServiceTimeout,
     "internal": InternalServiceError,
     "model_file": InternalServiceError,
