@@ -140,7 +140,8 @@ class FakeReconstructor:
     def overlay(self, image: np.ndarray, rec: Any) -> np.ndarray:
         return image
 
-    def reconstruct_set(self, images: Any, *, refine: bool | None = None, checkpoint: Any = None) -> Any:
+    def reconstruct_set(self, images: Any, *, refine: bool | None = None, checkpoint: Any = None,
+                        on_missing: str = "fail") -> Any:
         raise NoFaceFound("the fake sees no faces in sets")
 
     def identity_mesh(self, rec: Any) -> Any:
@@ -303,6 +304,33 @@ def test_reconstruct_set(live: str, model_info: dict[str, Any]) -> None:
     parsed = trimesh.load(io.BytesIO(base64.b64decode(mesh["data"])), file_type="obj", process=False, force="mesh",
                           maintain_order=True)
     assert len(parsed.vertices) == model_info["face_model"]["n_vertices"]
+
+
+def test_reconstruct_set_skips_a_faceless_photo_on_request(live: str) -> None:
+    """``on_missing=skip`` (issue #18 item 8): a set with one face-less photo used to fail whole, with no way to skip
+    it. The default still answers 422 naming the photo; ``skip`` reports its position in JSON and in a header."""
+    from PIL import Image
+
+    lfw = [need_shared("data", "faces-train", "lfw", name).read_bytes() for name in SET_PHOTOS[:2]]
+    shoulders = need_shared("data", "deep3d-examples", "000126.jpg")  # its bottom: shoulders, no face
+    buf = io.BytesIO()
+    Image.open(shoulders).convert("RGB").crop((0, 310, 700, 873)).save(buf, format="JPEG", quality=92)
+    files = [("images", ("a.jpg", lfw[0], "image/jpeg")), ("images", ("none.jpg", buf.getvalue(), "image/jpeg")),
+             ("images", ("b.jpg", lfw[1], "image/jpeg"))]
+    failed = httpx.post(f"{live}/v1/reconstruct/set", files=files, timeout=240)
+    assert failed.status_code == 422 and error_of(failed)["code"] == "no_face"
+    assert error_of(failed)["details"]["index"] == 1
+    r = httpx.post(f"{live}/v1/reconstruct/set", files=files, data={"on_missing": "skip", "include": ""},
+                   timeout=240)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["skipped"] == [1] and body["image_count"] == 2 and [it["index"] for it in body["items"]] == [0, 2]
+    assert r.headers["x-skipped-photos"] == "1" and r.headers["x-face-count"] == "2"
+    mesh = httpx.post(f"{live}/v1/reconstruct/set", files=files, data={"on_missing": "skip", "format": "ply"},
+                      timeout=240)
+    assert mesh.status_code == 200 and mesh.headers["x-skipped-photos"] == "1"
+    bad = httpx.post(f"{live}/v1/reconstruct/set", files=files, data={"on_missing": "ignore"}, timeout=30)
+    assert bad.status_code == 422 and error_of(bad)["code"] == "validation_error"
 
 
 # -- input errors, provoked for real -----------------------------------------------------------------------------------

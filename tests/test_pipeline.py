@@ -87,6 +87,26 @@ def test_a_set_yields_one_identity_invariant_to_order(reconstructor) -> None:
         reconstructor.reconstruct_set(photos * 10)
 
 
+def test_a_set_skips_faceless_photos_on_request(reconstructor) -> None:
+    """``on_missing="skip"`` (issue #18 item 8): the face-less photo is left out and reported; the identity is the
+    one the other photos give alone; the default still fails the whole set, naming the photo."""
+    lfw = need_shared("data", "faces-train", "lfw")
+    photos = [load_image(lfw / f"Aaron_Peirsol_000{k}.jpg") for k in (1, 3)]
+    shoulders = np.asarray(Image.open(need_shared("data", "deep3d-examples", "000126.jpg")).convert("RGB")
+                           .crop((0, 310, 700, 873)))  # the bottom of a real photo: no face
+    with pytest.raises(NoFaceFound, match="photo 2 of the set") as info:
+        reconstructor.reconstruct_set([photos[0], shoulders, photos[1]])
+    assert info.value.details["index"] == 1
+    skipped = reconstructor.reconstruct_set([photos[0], shoulders, photos[1]], on_missing="skip")
+    alone = reconstructor.reconstruct_set(photos)
+    assert skipped.skipped == [1] and skipped.indices == [0, 2] and len(skipped.items) == 2
+    assert alone.skipped == [] and alone.indices == [0, 1]
+    assert np.allclose(skipped.identity.id.numpy(), alone.identity.id.numpy(), atol=1e-6)
+    assert [it.face.box for it in skipped.items] == [it.face.box for it in alone.items]
+    with pytest.raises(NoFaceFound, match="any of the 2 photos"):
+        reconstructor.reconstruct_set([shoulders, shoulders], on_missing="skip")
+
+
 def test_cli_reconstruct_reports_bad_photos_and_finishes_the_rest(tmp_path: Path) -> None:
     photo = need_shared("data", "deep3d-examples", "000006.jpg")
     bad = tmp_path / "notes.jpg"

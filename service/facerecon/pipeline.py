@@ -41,7 +41,7 @@ from facerecon.export import MeshData, MeshFormat, TextureChoice, TextureKind, e
 from facerecon.facemodel import FaceModel
 from facerecon.facemodel.registry import resolve
 from facerecon.fit import FitConfig, FitResult, FitTarget, fit
-from facerecon.formats import TEXTURED_FORMATS
+from facerecon.formats import OnMissing, texture_format_problem
 from facerecon.nets.cnet import aggregate_set
 from facerecon.nets.runtime import OnnxNet, check_pair
 from facerecon.render import get_renderer
@@ -335,13 +335,18 @@ class Reconstructor:
 
     # -- a set of photos of one person -------------------------------------------------------------------------
     def reconstruct_set(self, images: Sequence[np.ndarray], *, refine: bool | None = None,
-                        checkpoint: Checkpoint | None = None) -> SetReconstruction:
+                        checkpoint: Checkpoint | None = None, on_missing: OnMissing = "fail") -> SetReconstruction:
         """One identity from several photos of one person (the best face of each); ``checkpoint`` as in
         :meth:`reconstruct` (``detect`` before each photo, then ``estimate`` and ``finish``).
 
+        Args:
+            on_missing: what a photo without a (usable) face does: ``"fail"`` the whole set, or ``"skip"`` it
+                (the result's ``skipped`` lists the positions of those photos, ``indices`` those of ``items``).
+
         Raises:
             TooManyImages: more photos than ``settings.max_set_images``, or none.
-            NoFaceFound: a photo without a face (the message names its position).
+            NoFaceFound: a photo without a face (the message names its position), or, with ``skip``, no photo with
+                one.
         """
         if len(images) > self.settings.max_set_images:
             raise TooManyImages(f"{len(images)} photos in a set; the limit is {self.settings.max_set_images}")
@@ -350,18 +355,32 @@ class Reconstructor:
         # Process the photos in a canonical order (by content digest), so the result does not depend on the
         # order they were given in (floating-point sums and the optimiser would otherwise drift slightly).
         order = sorted(range(len(images)), key=lambda k: hashlib.sha1(np.ascontiguousarray(images[k])).digest())
-        prepared = []
+        prepared: list[PreparedFace] = []
+        kept: list[int] = []
+        skipped: list[int] = []
         for k in order:
             _at(checkpoint, "detect")
             t: dict[str, float] = {}
-            with _timed(t, "detect"):
-                try:
-                    face = self.detect(images[k], "largest")[0]
-                except NoFaceFound:
-                    raise NoFaceFound(f"no face found in photo {k + 1} of the set", index=k) from None
-            p = self.prepare(images[k], face)
+            try:
+                with _timed(t, "detect"):
+                    try:
+                        face = self.detect(images[k], "largest")[0]
+                    except NoFaceFound:
+                        raise NoFaceFound(f"no face found in photo {k + 1} of the set", index=k) from None
+                p = self.prepare(images[k], face)
+            except NoFaceFound as exc:
+                if on_missing == "fail":
+                    exc.details.setdefault("index", k)
+                    raise
+                log.info("set: photo %d skipped (%s)", k + 1, exc.message)
+                skipped.append(k)
+                continue
             p.timings.update(t)
             prepared.append(p)
+            kept.append(k)
+        if not prepared:
+            raise NoFaceFound(f"no face found in any of the {len(images)} photos of the set",
+                              skipped=sorted(skipped))
         _at(checkpoint, "estimate")
         est = self.estimate(prepared, refine=refine, share_identity=True)
         _at(checkpoint, "finish")
@@ -370,9 +389,10 @@ class Reconstructor:
         identity = Coefficients(coeffs.id.mean(0, keepdim=True), zero.exp, coeffs.tex.mean(0, keepdim=True),
                                 zero.angle, zero.gamma, zero.trans)
         items = [self.finish(p, est, i) for i, p in enumerate(prepared)]
-        back = sorted(range(len(order)), key=lambda k: order[k])  # items in the order the photos were given
-        return SetReconstruction(items=[items[k] for k in back], identity=identity,
-                                 aggregation=est.aggregation or "", timings=dict(est.timings))
+        back = sorted(range(len(kept)), key=lambda j: kept[j])  # items in the order the photos were given
+        return SetReconstruction(items=[items[j] for j in back], identity=identity,
+                                 aggregation=est.aggregation or "", timings=dict(est.timings),
+                                 indices=sorted(kept), skipped=sorted(skipped))
 
     # -- outputs -----------------------------------------------------------------------------------------------
     def mesh(self, decoded: DecodedFace, *, colors: Literal["lit", "albedo"] = "lit", uv: bool = False) -> MeshData:
@@ -409,8 +429,8 @@ class Reconstructor:
         """
         if texture == "none":
             return {f"mesh.{fmt}": self.export(rec, fmt)}
-        if fmt not in TEXTURED_FORMATS:
-            raise ExportNotSupported(f"texture={texture} needs format=obj or glb, not {fmt}", field="texture")
+        if (problem := texture_format_problem(texture, fmt)) is not None:
+            raise ExportNotSupported(problem, field="texture")
         if not self.model.has_uvs:
             raise ExportNotSupported(f"the face model {self.model.name!r} has no UVs: texture={texture} is not "
                                      "available (use texture=none for per-vertex colours)", field="texture")

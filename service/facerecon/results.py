@@ -107,9 +107,22 @@ class Reconstruction:
 
 @dataclass
 class SetReconstruction:
-    """An image set of one person: one identity/albedo, per-image pose, expression and lighting."""
+    """An image set of one person: one identity/albedo, per-image pose, expression and lighting.
+
+    Attributes:
+        items: one per photo used, in the order the photos were given.
+        indices: the position of each item's photo among the photos given (``range(len(items))`` when none was
+            skipped).
+        skipped: positions of the photos left out for want of a face (``on_missing="skip"``).
+    """
 
     items: list[Reconstruction]
     identity: Coefficients  # batch of one: aggregated id/tex, zero expression, frontal, ambient light
     aggregation: str
     timings: dict[str, float] = field(default_factory=dict)
+    indices: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.indices:
+            self.indices = list(range(len(self.items)))

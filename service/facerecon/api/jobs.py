@@ -153,11 +153,13 @@ def reconstruct_set_job(rec: ReconstructorLike, photos: list[DecodedPhoto], opts
     timings["queue"] = (time.perf_counter() - submitted) * 1000.0
     ticket.check("detect")
     images = [p.image for p in photos]
-    result = rec.reconstruct_set(images, refine=opts.refine, checkpoint=ticket.check)
+    result = rec.reconstruct_set(images, refine=opts.refine, checkpoint=ticket.check, on_missing=opts.on_missing)
     ticket.check("encode")
     timings.update({k: float(v) for k, v in result.timings.items()})
     mode = str(result.items[0].mode) if result.items else "fit"
     headers = {"X-Face-Count": str(len(result.items)), "X-Reconstruction-Mode": mode}
+    if result.skipped:
+        headers["X-Skipped-Photos"] = ",".join(map(str, result.skipped))
     mesh_fmt = fmt if fmt in MESH_FORMATS else opts.mesh_format
     mesh: bytes | None = None
     if fmt in MESH_FORMATS or "mesh" in opts.include:
@@ -169,7 +171,8 @@ def reconstruct_set_job(rec: ReconstructorLike, photos: list[DecodedPhoto], opts
         headers["Content-Disposition"] = f'inline; filename="identity.{fmt}"'
         return Output(body=mesh, media_type=MEDIA_BY_FORMAT[fmt], headers=headers, timings=timings)
     items = []
-    for i, (image, r) in enumerate(zip(images, result.items, strict=True)):
+    for i, r in zip(result.indices, result.items, strict=True):
+        image = images[i]
         overlay = None
         if "overlay" in opts.include:
             t0 = time.perf_counter()
@@ -185,6 +188,7 @@ def reconstruct_set_job(rec: ReconstructorLike, photos: list[DecodedPhoto], opts
     response = SetResponse(
         face_model=face_model, layout=result.identity.layout, mode=mode, aggregation=result.aggregation,
         image_count=len(items), identity=IdentityCoefficients(id=ident["id"], tex=ident["tex"]), items=items,
+        skipped=result.skipped,
         identity_mesh=None if mesh is None else EncodedFile.of(mesh, mesh_fmt, MEDIA_BY_FORMAT[mesh_fmt]),
         timings_ms={k: round(v, 2) for k, v in timings.items()},
     )

@@ -48,7 +48,7 @@ from facerecon.api.state import ServiceState
 from facerecon.api.workers import Ticket
 from facerecon.config import Settings
 from facerecon.errors import InputError, TooManyImages
-from facerecon.formats import TEXTURED_FORMATS
+from facerecon.formats import texture_format_problem
 from facerecon.imaging import DecodedPhoto, ImageProbe, decode_photo, probe_image
 
 log = logging.getLogger("facerecon.api")
@@ -184,10 +184,9 @@ def build_router(settings: Settings) -> APIRouter:
             timings["read"] = (time.perf_counter() - t_start) * 1000.0
             opts = parse_options(ReconstructOptions, form.fields)
             fmt = opts.format or negotiate(request.headers.get("accept"), ("obj", "glb", "ply", "json", "png"), "obj")
-            if opts.texture != "none" and fmt not in TEXTURED_FORMATS:  # refused before any work (export_files too)
+            if (problem := texture_format_problem(opts.texture, fmt)) is not None:  # refused before any work
                 raise RequestValidationFailed(
-                    f"texture={opts.texture} needs format=obj or glb, not {fmt}",
-                    **field_error("texture", "a texture needs the obj or glb format", "texture_format"))
+                    problem, **field_error("texture", "a texture needs the obj or glb format", "texture_format"))
             if not form.files:
                 raise RequestValidationFailed("the photo is missing: send it as the multipart file field `image`",
                                               **field_error("image", "field required", "missing"))

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from facerecon.coefficients import CoefficientLayout
 from facerecon.facemodel.format import FaceModelCard
-from facerecon.formats import MESH_FORMATS, MeshFormat, TextureChoice
+from facerecon.formats import MESH_FORMATS, MeshFormat, OnMissing, TextureChoice
 
 if TYPE_CHECKING:
     from facerecon.detect.face import DetectedFace
@@ -117,6 +117,10 @@ class SetOptions(BaseModel):
         description="JSON only: `mesh` (the identity mesh, default) and/or `overlay` (per photo); an empty value "
                     "embeds neither")
     mesh_format: MeshFormat = Field("obj", description="format of the identity mesh embedded in JSON")
+    on_missing: OnMissing = Field(
+        "fail", description="a photo without a face: `fail` the whole set (422 `no_face`, default) or `skip` it "
+                            "(JSON `skipped`, header `X-Skipped-Photos`: its position; 422 when every photo is "
+                            "skipped)")
 
     _split = field_validator("include", mode="before")(_split_include)
 
@@ -293,9 +297,12 @@ class SetResponse(BaseModel):
     layout: CoefficientLayout
     mode: str = Field(description="`rnet`, `rnet+fit` or `fit`")
     aggregation: str = Field(description="how the identity was combined (`shared-identity fit` or `mean`)")
-    image_count: int
+    image_count: int = Field(description="photos the identity was made from (`items`)")
     identity: IdentityCoefficients
     items: list[SetItem]
+    skipped: list[int] = Field(
+        default_factory=list, description="positions (0-based, in the request) of the photos left out for want of a "
+                                          "face, with `on_missing=skip`")
     identity_mesh: EncodedFile | None = Field(
         None, description="the identity's neutral, frontal mesh (default; omit with an empty `include`)")
     timings_ms: dict[str, float]

@@ -31,6 +31,7 @@ from facerecon.imaging import load_image
 if TYPE_CHECKING:
     from facerecon.detect import DetectedFace, Which
     from facerecon.export import MeshData, MeshFormat, TextureChoice
+    from facerecon.formats import OnMissing
     from facerecon.pipeline import Checkpoint
     from facerecon.results import Reconstruction, SetReconstruction
 
@@ -52,7 +53,7 @@ class ReconstructorLike(Protocol):
                     ) -> list[Reconstruction]: ...
 
     def reconstruct_set(self, images: Sequence[np.ndarray], *, refine: bool | None = ...,
-                        checkpoint: Checkpoint | None = ...) -> SetReconstruction: ...
+                        checkpoint: Checkpoint | None = ..., on_missing: OnMissing = ...) -> SetReconstruction: ...
 
     def export(self, rec: Reconstruction, fmt: MeshFormat) -> bytes: ...
 
