@@ -3,7 +3,6 @@ output."""
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Sequence
@@ -11,7 +10,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from facerecon.api.forms import MEDIA_BY_FORMAT
 from facerecon.api.schemas import (
@@ -25,6 +23,7 @@ from facerecon.api.schemas import (
 )
 from facerecon.export import export_mesh
 from facerecon.imaging import DecodedPhoto
+from facerecon.render.overlay import encode_png
 from facerecon.report import face_result, reconstruct_response, set_item
 from facerecon.results import Reconstruction
 
@@ -46,9 +45,9 @@ class Output:
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=3)
-    return buf.getvalue()
+    """An overlay ``(H, W, 3) uint8`` as PNG (:func:`facerecon.render.overlay.encode_png`: about a third of
+    Pillow's time at level 3, for a similar size)."""
+    return encode_png(image)
 
 
 def server_timing(timings: dict[str, float]) -> str:

@@ -18,7 +18,6 @@ photo's own stages plus its share of the batch's estimate (a set: the set's time
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -109,11 +108,9 @@ class UnitProcessor:
         t0 = time.perf_counter()
         files = dict(self.rec.export_files(image, face, cfg.format, cfg.texture))
         if cfg.overlay:
-            from PIL import Image
+            from facerecon.render.overlay import encode_png
 
-            buf = io.BytesIO()
-            Image.fromarray(self.rec.overlay(image, face)).save(buf, format="PNG")
-            files["overlay.png"] = buf.getvalue()
+            files["overlay.png"] = encode_png(self.rec.overlay(image, face))
         doc = self.rec.to_json(face)
         files["coefficients.json"] = json.dumps(doc, indent=1).encode("utf-8")
         t1 = time.perf_counter()
