@@ -11,8 +11,8 @@ from typing import Any
 
 from facerecon import __version__
 from facerecon.config import get_settings
-from facerecon.errors import FaceReconError
-from facerecon.formats import MESH_FORMATS, TEXTURE_CHOICES
+from facerecon.errors import FaceReconError, InputError
+from facerecon.formats import MESH_FORMATS, ON_MISSING_CHOICES, TEXTURE_CHOICES, texture_format_problem
 
 log = logging.getLogger("facerecon")
 
@@ -83,56 +83,153 @@ def _models_build(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Folders:
+    """Output folder names, unique within one run: a photo's file name without its suffix, ``-2``, ``-3``... when
+    another input (from another folder) has the same name; ``<name>_face<k>`` per face with several faces."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def take(self, stem: str, n_faces: int = 1) -> list[str]:
+        n = 1
+        while True:
+            base = stem if n == 1 else f"{stem}-{n}"
+            names = [base] if n_faces == 1 else [f"{base}_face{k}" for k in range(n_faces)]
+            if not self.used.intersection(names):
+                self.used.update(names)
+                return names
+            n += 1
+
+
+def _option_errors(model: type[Any], values: dict[str, Any], what: str) -> list[str]:
+    """The API's own validation of ``values`` (its pydantic form model), as ``--flag: why`` lines."""
+    from pydantic import ValidationError
+
+    try:
+        model.model_validate(values)
+    except ValidationError as exc:
+        out = []
+        for e in exc.errors():
+            name = str(e["loc"][0]) if e["loc"] else ""
+            flag = "--" + name.replace("_", "-")
+            if e["type"] == "extra_forbidden":
+                out.append(f"{flag} {values[name]}: not an option {what}" + _NOT_AN_OPTION_HINTS.get(name, ""))
+            else:
+                out.append(f"{flag}: {e['msg']}")
+        return out
+    return []
+
+
+_NOT_AN_OPTION_HINTS = {
+    "faces": " (a set reconstructs the largest face of each photo)",
+    "on_missing": " (it says what a set does with a photo without a face)",
+}
+
+
+def reconstruct_option_errors(args: argparse.Namespace) -> list[str]:
+    """Why these ``facerecon reconstruct`` flags cannot go together: the rules of the API, which answers 422 for
+    the same options (its form models and :func:`facerecon.formats.texture_format_problem`)."""
+    from facerecon.api.schemas import ReconstructOptions, SetOptions
+
+    errors = []
+    if (problem := texture_format_problem(args.texture, args.format)) is not None:
+        errors.append(f"--texture {args.texture} --format {args.format}: {problem}")
+    given = {k: v for k, v in (("faces", args.faces), ("on_missing", args.on_missing)) if v is not None}
+    if args.set:
+        errors += _option_errors(SetOptions, {"mesh_format": args.format, "refine": args.refine, **given},
+                                 "of --set")
+    else:
+        errors += _option_errors(ReconstructOptions, {"format": args.format, "refine": args.refine, **given},
+                                 "without --set")
+    return errors
+
+
+def _load_photo(path: str, settings: Any) -> Any:
+    """One photo as RGB; a folder or a missing file is a one-line :class:`InputError`."""
+    from facerecon.imaging import load_image
+
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"a folder, not a photo: name its photos ({path}/*.jpg) or run `facerecon batch {path}`")
+    if not p.exists():
+        raise InputError("no such file")
+    try:
+        return load_image(p, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+    except OSError as exc:
+        raise InputError(f"cannot read it ({exc.strerror or exc})") from None
+
+
 def _reconstruct(args: argparse.Namespace) -> int:
     import json as _json
 
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from facerecon.imaging import load_image
-    from facerecon.pipeline import Reconstructor
     from facerecon.render.overlay import save_png
 
+    errors = reconstruct_option_errors(args)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    if errors:
+        return 2
     settings = get_settings()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rec = Reconstructor(settings)
-    refine = None if args.refine is None else args.refine
+    folders = _Folders()
     failures = 0
 
-    def write(stem: str, image: Any, r: Any) -> None:
-        folder = out / stem
+    def write(name: str, image: Any, r: Any) -> None:
+        folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        for name, data in rec.export_files(image, r, args.format, args.texture).items():
-            (folder / name).write_bytes(data)
+        for file, data in rec.export_files(image, r, args.format, args.texture).items():
+            (folder / file).write_bytes(data)
         save_png(rec.overlay(image, r), folder / "overlay.png")
         (folder / "coefficients.json").write_text(_json.dumps(rec.to_json(r), indent=1))
 
     if args.set:
-        images = []
+        images: list[Any] = []
         for p in args.photos:
-            images.append(load_image(p, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels))
-        result = rec.reconstruct_set(images, refine=refine)
-        for p, image, r in zip(args.photos, images, result.items, strict=True):
-            write(Path(p).stem, image, r)
+            try:
+                images.append(_load_photo(p, settings))
+            except FaceReconError as exc:
+                failures += 1
+                log.error("%s: %s", p, exc.message)
+        if failures:
+            print(f"error: the set was not reconstructed: {failures} of its {len(args.photos)} photos could not be "
+                  "read", file=sys.stderr)
+            return 1
+        from facerecon.pipeline import Reconstructor
+
+        rec = Reconstructor(settings)
+        result = rec.reconstruct_set(images, refine=args.refine, on_missing=args.on_missing or "fail")
+        for k in result.skipped:
+            log.warning("%s: skipped, no face found", args.photos[k])
+        out.mkdir(parents=True, exist_ok=True)
+        for k, r in zip(result.indices, result.items, strict=True):
+            write(folders.take(Path(args.photos[k]).stem)[0], images[k], r)
         from facerecon.export import export_mesh
 
         (out / f"identity.{args.format}").write_bytes(export_mesh(rec.identity_mesh(result), args.format))
-        print(f"wrote {len(result.items)} photos and the set's identity mesh to {out}")
+        skipped = "".join(f"; skipped {args.photos[k]} (no face)" for k in result.skipped)
+        print(f"wrote {len(result.items)} photos and the set's identity mesh to {out}{skipped}")
         return 0
 
-    for p in tqdm(args.photos, desc="reconstruct", unit="photo", disable=len(args.photos) < 2):
-        stem = Path(p).stem
-        try:
-            image = load_image(p, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
-            results = rec.reconstruct(image, which=args.faces, refine=refine)
-        except FaceReconError as exc:
-            failures += 1
-            log.error("%s: %s", p, exc.message)
-            continue
-        for k, r in enumerate(results):
-            write(stem if len(results) == 1 else f"{stem}_face{k}", image, r)
-        log.info("%s: %d face(s), mode %s, landmark error %.2f px", p, len(results), results[0].mode,
-                 results[0].landmark_error_px)
+    from facerecon.pipeline import Reconstructor
+
+    rec = Reconstructor(settings)
+    out.mkdir(parents=True, exist_ok=True)
+    with logging_redirect_tqdm():  # each message on its own line, above the progress bar
+        for p in tqdm(args.photos, desc="reconstruct", unit="photo", disable=len(args.photos) < 2):
+            try:
+                image = _load_photo(p, settings)
+                results = rec.reconstruct(image, which=args.faces or "largest", refine=args.refine)
+            except FaceReconError as exc:
+                failures += 1
+                log.error("%s: %s", p, exc.message)
+                continue
+            for name, r in zip(folders.take(Path(p).stem, len(results)), results, strict=True):
+                write(name, image, r)
+            log.info("%s: %d face(s), mode %s, landmark error %.2f px", p, len(results), results[0].mode,
+                     results[0].landmark_error_px)
     print(f"reconstructed {len(args.photos) - failures} of {len(args.photos)} photos into {out}")
     return 1 if failures else 0
 
@@ -147,6 +244,29 @@ def _models_import_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+MODELS_DIR_HELP = "the face models' folder (default: FACERECON_MODELS_DIR, else the repository's models/)"
+RECONSTRUCT_EPILOG = """\
+examples:
+  facerecon reconstruct photo.jpg
+  facerecon reconstruct shoot/*.jpg --out meshes --format glb --texture photo --faces all
+  facerecon reconstruct a.jpg b.jpg c.jpg --set --on-missing skip
+
+output layout (in --out):
+  <photo>/mesh.<format>        the face mesh with per-vertex colours
+  <photo>/mesh.mtl, texture.png  beside mesh.obj with --texture (a GLB embeds its texture)
+  <photo>/overlay.png          the reconstruction drawn over the photo, at the photo's size
+  <photo>/coefficients.json    coefficients, pose (degrees), landmarks (photo px), detection, timings: the API's
+                               JSON for one face
+  <photo>_face<k>/             with --faces all and several faces: one folder per face, 0 = the largest
+  identity.<format>            with --set: the identity's neutral, frontal mesh
+  <photo> is the file name without its suffix; a name given again (from another folder) gets -2, -3, ...
+
+exit status: 0 every photo done; 1 some photo could not be read or had no face (each said on one line, the
+others are done; a set is not written then, unless its face-less photos are skipped with --on-missing skip);
+2 flags that do not go together (the API answers 422 for the same options).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facerecon", description="3D face reconstruction from photos (Deep3DFaceRecon)")
     p.add_argument("--version", action="version", version=f"facerecon {__version__}")
@@ -156,11 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list, check and build face models")
     msub = models.add_subparsers(dest="models_command", required=True)
     ls = msub.add_parser("list", help="the installed face models with layout, licence and provenance")
-    ls.add_argument("--models-dir")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--models-dir", help=MODELS_DIR_HELP)
+    ls.add_argument("--json", action="store_true", help="print the model cards as JSON")
     ls.set_defaults(func=_models_list)
     ck = msub.add_parser("check", help="load and validate every installed face model")
-    ck.add_argument("--models-dir")
+    ck.add_argument("--models-dir", help=MODELS_DIR_HELP)
     ck.set_defaults(func=_models_check)
     bd = msub.add_parser("build", help="build a face model file (or the detector networks) from its sources")
     bd.add_argument("kind", choices=["ict", "bfm", "detector"])
@@ -170,29 +290,45 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--exp", help="bfm: Exp_Pca.bin (Guo et al. expression basis)")
     bd.add_argument("--aux", help="bfm: folder with the reference's index files (default: the packaged copies)")
     bd.add_argument("--out", help="output .npz (default: <models-dir>/<kind>/facemodel.npz); detector: a folder")
-    bd.add_argument("--models-dir")
+    bd.add_argument("--models-dir", help=MODELS_DIR_HELP)
     bd.set_defaults(func=_models_build)
     ic = msub.add_parser("import-checkpoint", help="import the official Deep3DFaceRecon epoch_20.pth (BFM R-Net)")
     ic.add_argument("checkpoint", help="checkpoints/<name>/epoch_20.pth")
     ic.add_argument("--out", help="output folder (default: <models-dir>/bfm, beside the converted BFM)")
-    ic.add_argument("--models-dir")
+    ic.add_argument("--models-dir", help=MODELS_DIR_HELP)
     ic.set_defaults(func=_models_import_checkpoint)
 
     from facerecon.train_cli import add_train_commands
 
     add_train_commands(sub)
 
-    rc = sub.add_parser("reconstruct", help="reconstruct faces from photos: mesh, coefficients.json, overlay.png")
-    rc.add_argument("photos", nargs="+", help="photo files (JPEG, PNG, WebP, BMP, ...)")
-    rc.add_argument("--out", default="out", help="output folder (one sub-folder per photo/face)")
-    rc.add_argument("--set", action="store_true", help="the photos show one person: aggregate one identity")
+    rc = sub.add_parser(
+        "reconstruct", help="reconstruct faces from photos: mesh, coefficients.json, overlay.png",
+        description="Reconstruct the face in each photo (or one identity from photos of one person, --set).\n"
+                    "A photo that cannot be read or has no face is reported on one line; the others are still done.",
+        epilog=RECONSTRUCT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rc.add_argument("photos", nargs="+", help="photo files (JPEG, PNG, WebP, BMP, TIFF, ...); not folders (see "
+                    "`facerecon batch` for a collection)")
+    rc.add_argument("--out", default="out", help="output folder, one sub-folder per photo or face (default: out)")
+    rc.add_argument("--set", action="store_true",
+                    help="the photos show one person: one aggregated identity, written as identity.<format> "
+                         "(default: each photo on its own)")
     rc.add_argument("--refine", dest="refine", action="store_true", default=None,
-                    help="test-time fitting after R-Net (always on without an R-Net)")
-    rc.add_argument("--no-refine", dest="refine", action="store_false")
-    rc.add_argument("--format", choices=MESH_FORMATS, default="obj")
-    rc.add_argument("--faces", choices=["largest", "all"], default="largest")
+                    help="test-time fitting after the R-Net: slower, closer fit (default: the model's default mode; "
+                         "always on without an R-Net)")
+    rc.add_argument("--no-refine", dest="refine", action="store_false", help="the R-Net's estimate only, no fitting")
+    rc.add_argument("--format", choices=MESH_FORMATS, default="obj",
+                    help="mesh file format: obj, ply (model units, decimetres for the shipped models) or glb "
+                         "(metres) (default: obj)")
+    rc.add_argument("--faces", choices=["largest", "all"], default=None,
+                    help="the largest face of each photo, or all faces, one folder each (default: largest; not with "
+                         "--set)")
     rc.add_argument("--texture", choices=TEXTURE_CHOICES, default="none",
-                    help="OBJ/GLB with a UV texture: the photo's colours or the fitted albedo")
+                    help="a UV-textured mesh (obj or glb only): the photo's colours or the fitted albedo; none keeps "
+                         "per-vertex colours (default: none)")
+    rc.add_argument("--on-missing", choices=ON_MISSING_CHOICES, default=None,
+                    help="--set only: a photo without a face fails the whole set, or is skipped and reported "
+                         "(default: fail)")
     rc.set_defaults(func=_reconstruct)
 
     from facerecon.batch.cli import add_batch_command
