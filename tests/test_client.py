@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from facerecon_client import (
     FaceReconClient,
     ImageTooLarge,
     InvalidInput,
+    MeshResult,
     NoFaceFound,
     NotAnImage,
     Overloaded,
@@ -120,6 +122,67 @@ def test_cli_writes_the_mesh(url: str, tmp_path: Path, n_vertices: int, capsys: 
     notes.write_text("hello")
     assert client_cli([url, str(notes), "--out", str(tmp_path / "x.obj")]) == 1
     assert "not_an_image" in capsys.readouterr().err
+
+
+def test_textured_meshes_sync_async_and_cli(url: str, tmp_path: Path, n_vertices: int) -> None:
+    """``texture=photo|albedo`` from the SDK (issue #18 item 7: it existed in the API only)."""
+    import trimesh
+    from PIL import Image
+
+    from facerecon_client import ValidationFailed
+
+    with FaceReconClient(url, timeout=240) as client:
+        glb = client.mesh(EXAMPLES / PHOTO, format="glb", texture="photo", refine=False)
+        with pytest.raises(ValidationFailed) as info:
+            client.mesh(EXAMPLES / PHOTO, format="ply", texture="photo")
+    assert "texture" in info.value.message
+    assert glb.media_type == "model/gltf-binary" and glb.texture == "photo" and not glb.is_bundle
+    geom = next(iter(trimesh.load(io.BytesIO(glb.data), file_type="glb").geometry.values()))
+    assert geom.visual.kind == "texture" and geom.visual.material.baseColorTexture is not None
+
+    async def albedo_obj() -> MeshResult:
+        async with AsyncFaceReconClient(url, timeout=240) as client:
+            return await client.mesh(EXAMPLES / PHOTO, format="obj", texture="albedo", refine=False)
+
+    bundle = asyncio.run(albedo_obj())
+    assert bundle.is_bundle and bundle.texture == "albedo"
+    files = bundle.files()
+    assert set(files) == {"mesh.obj", "mesh.mtl", "texture.png"}
+    assert Image.open(io.BytesIO(files["texture.png"])).size[0] >= 256
+
+    out = tmp_path / "face.obj"
+    assert client_cli([url, str(EXAMPLES / PHOTO), "--out", str(out), "--texture", "photo", "--no-refine"]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"face.obj", "face.mtl", "face.png"}
+    mesh = trimesh.load(out, process=False)
+    assert mesh.visual.material.image is not None and len(mesh.faces) > 1000
+    assert mesh.visual.material.image.size == Image.open(tmp_path / "face.png").size
+    assert client_cli([url, str(EXAMPLES / PHOTO), "--out", str(tmp_path / "b.zip"), "--texture", "albedo",
+                       "--no-refine"]) == 0
+    with zipfile.ZipFile(tmp_path / "b.zip") as zf:
+        assert set(zf.namelist()) == {"mesh.obj", "mesh.mtl", "texture.png"}
+
+
+def test_set_skips_a_faceless_photo_on_request(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                               ) -> None:
+    """``on_missing`` in the SDK and its CLI (issue #18 item 8)."""
+    from PIL import Image
+
+    paths = [need_shared("data", "faces-train", "lfw", name) for name in SET_PHOTOS[:2]]
+    shoulders = tmp_path / "shoulders.jpg"  # the bottom of a real photo: no face
+    Image.open(need_shared("data", "deep3d-examples", "000126.jpg")).crop((0, 310, 700, 873)).save(shoulders)
+    photos = [paths[0], shoulders, paths[1]]
+    with FaceReconClient(url, timeout=240) as client:
+        with pytest.raises(NoFaceFound) as info:
+            client.reconstruct_set(photos, include=())
+        assert info.value.details["index"] == 1
+        result = client.reconstruct_set(photos, include=(), on_missing="skip", refine=False)
+        assert result.skipped == [1] and [it.index for it in result.items] == [0, 2] and result.image_count == 2
+        mesh = client.identity_mesh(photos, format="ply", on_missing="skip", refine=False)
+        assert mesh.skipped == [1] and mesh.data.startswith(b"ply")
+    out = tmp_path / "identity.obj"
+    assert client_cli([url, *map(str, photos), "--out", str(out), "--on-missing", "skip", "--no-refine"]) == 0
+    assert f"skipped {shoulders}: no face found" in capsys.readouterr().err
+    assert out.stat().st_size > 1000
 
 
 def test_unreachable_service_is_a_transport_error() -> None:

@@ -1,7 +1,14 @@
 """Client SDK of the facerecon service: ``FaceReconClient`` (sync) and ``AsyncFaceReconClient`` (asyncio), typed
 results, one exception hierarchy. Only ``httpx`` and ``pydantic`` are needed (never torch)."""
 
-from facerecon_client.client import AsyncFaceReconClient, FaceReconClient, ImageInput, RetryPolicy
+from facerecon_client.client import (
+    AsyncFaceReconClient,
+    FaceReconClient,
+    ImageInput,
+    OnMissing,
+    RetryPolicy,
+    Texture,
+)
 from facerecon_client.errors import (
     ERRORS_BY_CODE,
     AccessDenied,
@@ -67,6 +74,7 @@ __all__ = [
     "NotAnImage",
     "NotFound",
     "NotReady",
+    "OnMissing",
     "Overloaded",
     "Pose",
     "Reconstruction",
@@ -77,6 +85,7 @@ __all__ = [
     "SetItem",
     "SetReconstruction",
     "ShuttingDown",
+    "Texture",
     "TooManyImages",
     "TransportError",
     "Unavailable",

@@ -35,11 +35,15 @@ from facerecon_client.models import (
     SetReconstruction,
 )
 
-__all__ = ["AsyncFaceReconClient", "FaceReconClient", "ImageInput", "RetryPolicy"]
+__all__ = ["AsyncFaceReconClient", "FaceReconClient", "ImageInput", "OnMissing", "RetryPolicy", "Texture"]
 
 #: A photo: its bytes, a path, or a binary file object.
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike[str], IO[bytes]]  # noqa: UP007
 MeshFormat = Literal["obj", "glb", "ply"]
+#: ``none``: per-vertex colours; ``photo``: the photo's colours in a UV texture; ``albedo``: the fitted albedo.
+Texture = Literal["none", "photo", "albedo"]
+#: What a set does with a photo without a face: ``fail`` the whole set (the service's default) or ``skip`` it.
+OnMissing = Literal["fail", "skip"]
 Faces = Literal["largest", "all"]
 Include = Literal["mesh", "overlay"]
 
@@ -175,11 +179,16 @@ class _Core:
         return _Call("POST", "/v1/reconstruct", self._json(Reconstruction), data=_with_refine(data, refine),
                      files=[("image", _read_image(image))], headers={"Accept": "application/json"})
 
-    def mesh(self, image: ImageInput, *, format: MeshFormat, faces: Faces, refine: bool | None
-             ) -> _Call[MeshResult]:
+    def mesh(self, image: ImageInput, *, format: MeshFormat, faces: Faces, refine: bool | None,
+             texture: Texture = "none") -> _Call[MeshResult]:
         data = _with_refine({"format": format, "faces": faces}, refine)
-        return _Call("POST", "/v1/reconstruct", lambda r: self._mesh(r, format), data=data,
-                     files=[("image", _read_image(image))], headers={"Accept": _MEDIA[format]})
+        accept = _MEDIA[format]
+        if texture != "none":
+            data["texture"] = texture
+            if format == "obj":  # the OBJ, its MTL and its texture come as one zip
+                accept = "application/zip, model/obj;q=0.5"
+        return _Call("POST", "/v1/reconstruct", lambda r: self._mesh(r, format, texture), data=data,
+                     files=[("image", _read_image(image))], headers={"Accept": accept})
 
     def overlay(self, image: ImageInput, *, faces: Faces, refine: bool | None) -> _Call[ImageResult]:
         data = _with_refine({"format": "png", "faces": faces}, refine)
@@ -187,16 +196,17 @@ class _Core:
                      headers={"Accept": "image/png"})
 
     def reconstruct_set(self, images: Sequence[ImageInput], *, refine: bool | None, include: Iterable[Include],
-                        mesh_format: MeshFormat) -> _Call[SetReconstruction]:
-        data = _with_refine({"format": "json", "include": ",".join(include), "mesh_format": mesh_format}, refine)
+                        mesh_format: MeshFormat, on_missing: OnMissing = "fail") -> _Call[SetReconstruction]:
+        data = _with_refine({"format": "json", "include": ",".join(include), "mesh_format": mesh_format,
+                             "on_missing": on_missing}, refine)
         return _Call("POST", "/v1/reconstruct/set", self._json(SetReconstruction), data=data,
                      files=[("images", _read_image(im, i)) for i, im in enumerate(images)],
                      headers={"Accept": "application/json"})
 
-    def identity_mesh(self, images: Sequence[ImageInput], *, format: MeshFormat, refine: bool | None
-                      ) -> _Call[MeshResult]:
+    def identity_mesh(self, images: Sequence[ImageInput], *, format: MeshFormat, refine: bool | None,
+                      on_missing: OnMissing = "fail") -> _Call[MeshResult]:
         return _Call("POST", "/v1/reconstruct/set", lambda r: self._mesh(r, format),
-                     data=_with_refine({"format": format}, refine),
+                     data=_with_refine({"format": format, "on_missing": on_missing}, refine),
                      files=[("images", _read_image(im, i)) for i, im in enumerate(images)],
                      headers={"Accept": _MEDIA[format]})
 
@@ -213,10 +223,12 @@ class _Core:
 
         return parse
 
-    def _mesh(self, response: httpx.Response, fmt: str) -> MeshResult:
+    def _mesh(self, response: httpx.Response, fmt: str, texture: str = "none") -> MeshResult:
         r = self.check(response)
+        skipped = r.headers.get("x-skipped-photos", "")
         return MeshResult(
-            data=r.content, format=fmt, media_type=r.headers.get("content-type", _MEDIA[fmt]),
+            data=r.content, format=fmt, media_type=r.headers.get("content-type", _MEDIA[fmt]), texture=texture,
+            skipped=[int(k) for k in skipped.split(",") if k.strip().isdigit()],
             face_count=_int_header(r, "x-face-count") or 1, faces_detected=_int_header(r, "x-faces-detected"),
             mode=r.headers.get("x-reconstruction-mode"), server_timing=_server_timing(r.headers.get("server-timing")),
         )
@@ -328,25 +340,30 @@ class FaceReconClient:
                                                  mesh_format=mesh_format))
 
     def mesh(self, image: ImageInput, *, format: MeshFormat = "obj", faces: Faces = "largest",
-             refine: bool | None = None) -> MeshResult:
-        """The largest face's mesh file (OBJ, GLB or PLY)."""
-        return self._send(self._core.mesh(image, format=format, faces=faces, refine=refine))
+             refine: bool | None = None, texture: Texture = "none") -> MeshResult:
+        """The largest face's mesh file (OBJ, GLB or PLY). ``texture="photo"|"albedo"`` (OBJ or GLB only; the
+        service answers 422 for PLY): a UV-textured mesh, a GLB with the texture inside or an OBJ bundle (a zip:
+        :meth:`MeshResult.files`); ``"none"``: per-vertex colours."""
+        return self._send(self._core.mesh(image, format=format, faces=faces, refine=refine, texture=texture))
 
     def overlay(self, image: ImageInput, *, faces: Faces = "largest", refine: bool | None = None) -> ImageResult:
         """The reconstruction drawn over the photo (PNG)."""
         return self._send(self._core.overlay(image, faces=faces, refine=refine))
 
     def reconstruct_set(self, images: Sequence[ImageInput], *, refine: bool | None = None,
-                        include: Iterable[Include] = ("mesh",), mesh_format: MeshFormat = "obj"
-                        ) -> SetReconstruction:
-        """One identity from several photos of one person, with per-photo pose, expression and lighting."""
+                        include: Iterable[Include] = ("mesh",), mesh_format: MeshFormat = "obj",
+                        on_missing: OnMissing = "fail") -> SetReconstruction:
+        """One identity from several photos of one person, with per-photo pose, expression and lighting.
+        ``on_missing="skip"``: a photo without a face is left out (its position in ``skipped``; each item's
+        ``index`` is its photo's position) instead of failing the set with :class:`NoFaceFound`."""
         return self._send(self._core.reconstruct_set(images, refine=refine, include=include,
-                                                     mesh_format=mesh_format))
+                                                     mesh_format=mesh_format, on_missing=on_missing))
 
     def identity_mesh(self, images: Sequence[ImageInput], *, format: MeshFormat = "obj",
-                      refine: bool | None = None) -> MeshResult:
-        """The identity mesh of a set of photos of one person."""
-        return self._send(self._core.identity_mesh(images, format=format, refine=refine))
+                      refine: bool | None = None, on_missing: OnMissing = "fail") -> MeshResult:
+        """The identity mesh of a set of photos of one person (``on_missing`` as in :meth:`reconstruct_set`; the
+        skipped photos in ``MeshResult.skipped``)."""
+        return self._send(self._core.identity_mesh(images, format=format, refine=refine, on_missing=on_missing))
 
 
 # -- the async twin -------------------------------------------------------------------------------------------------
@@ -421,20 +438,21 @@ class AsyncFaceReconClient:
                                                        mesh_format=mesh_format))
 
     async def mesh(self, image: ImageInput, *, format: MeshFormat = "obj", faces: Faces = "largest",
-                   refine: bool | None = None) -> MeshResult:
-        return await self._send(self._core.mesh(image, format=format, faces=faces, refine=refine))
+                   refine: bool | None = None, texture: Texture = "none") -> MeshResult:
+        return await self._send(self._core.mesh(image, format=format, faces=faces, refine=refine, texture=texture))
 
     async def overlay(self, image: ImageInput, *, faces: Faces = "largest", refine: bool | None = None
                       ) -> ImageResult:
         return await self._send(self._core.overlay(image, faces=faces, refine=refine))
 
     async def reconstruct_set(self, images: Sequence[ImageInput], *, refine: bool | None = None,
-                              include: Iterable[Include] = ("mesh",), mesh_format: MeshFormat = "obj"
-                              ) -> SetReconstruction:
+                              include: Iterable[Include] = ("mesh",), mesh_format: MeshFormat = "obj",
+                              on_missing: OnMissing = "fail") -> SetReconstruction:
         return await self._send(self._core.reconstruct_set(images, refine=refine, include=include,
-                                                           mesh_format=mesh_format))
+                                                           mesh_format=mesh_format, on_missing=on_missing))
 
     async def identity_mesh(self, images: Sequence[ImageInput], *, format: MeshFormat = "obj",
-                            refine: bool | None = None) -> MeshResult:
-        return await self._send(self._core.identity_mesh(images, format=format, refine=refine))
+                            refine: bool | None = None, on_missing: OnMissing = "fail") -> MeshResult:
+        return await self._send(self._core.identity_mesh(images, format=format, refine=refine,
+                                                         on_missing=on_missing))
 

@@ -159,6 +159,8 @@ class SetReconstruction(_Model):
     identity_mesh: bytes | None = None
     identity_mesh_format: str | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    skipped: list[int] = Field(default_factory=list, description="positions of the photos left out for want of a "
+                                                                 "face (on_missing='skip')")
 
     @model_validator(mode="before")
     @classmethod
@@ -167,15 +169,35 @@ class SetReconstruction(_Model):
 
 
 class MeshResult(_Model):
-    """A mesh file the service returned as the response body."""
+    """A mesh file the service returned as the response body. A textured OBJ (``texture="photo"|"albedo"``) comes
+    as a zip of ``mesh.obj``, ``mesh.mtl`` and ``texture.png`` (``media_type`` ``application/zip``): see
+    :meth:`files`."""
 
     data: bytes
     format: str
     media_type: str
+    texture: str = Field("none", description="`none` (per-vertex colours), `photo` or `albedo`")
     face_count: int = 1
     faces_detected: int | None = Field(None, description="faces in the photo, when faces='all' was asked")
     mode: str | None = None
     server_timing: dict[str, float] = Field(default_factory=dict, description="stage -> ms")
+    skipped: list[int] = Field(default_factory=list, description="a set's photos left out for want of a face")
+
+    @property
+    def is_bundle(self) -> bool:
+        """True for a textured OBJ: ``data`` is a zip of the OBJ, its MTL and its texture."""
+        return self.media_type.split(";")[0].strip() == "application/zip"
+
+    def files(self) -> dict[str, bytes]:
+        """``{file name: bytes}``: the bundle's files for a textured OBJ (write them side by side: the OBJ names
+        ``mesh.mtl``, which names ``texture.png``), else ``{"mesh.<format>": data}``."""
+        if not self.is_bundle:
+            return {f"mesh.{self.format}": self.data}
+        import io
+        import zipfile
+
+        with zipfile.ZipFile(io.BytesIO(self.data)) as zf:
+            return {name: zf.read(name) for name in zf.namelist()}
 
 
 class ImageResult(_Model):
