@@ -76,7 +76,8 @@ def api_schema(api_url: str) -> Any:
 
 
 CHECKS = [st_checks.not_a_server_error, st_checks.status_code_conformance, st_checks.content_type_conformance,
-          st_checks.response_schema_conformance]
+          st_checks.response_schema_conformance, st_checks.negative_data_rejection,
+          st_checks.response_headers_conformance]
 EXAMPLES_PER_OPERATION = 40
 
 
