@@ -44,7 +44,9 @@ def _unpack_files(data: Any, *names: str) -> Any:
 
 
 class Pose(_Model):
-    """Head rotation, degrees."""
+    """Head rotation, degrees: ``R = Rz(roll) Ry(yaw) Rx(pitch)`` on the model (x right, y up, z towards the
+    camera). Positive pitch: the face turns down; positive yaw: towards the image's right (the person's left; the
+    opposite of AFLW2000-3D / 300W-LP / BIWI's yaw); positive roll: counter-clockwise as the photo is viewed."""
 
     pitch: float
     yaw: float

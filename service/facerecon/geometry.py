@@ -5,7 +5,8 @@ Deep3DFaceRecon_pytorch (``../shared/docs/reference.md`` sections 1, 3.2, 4 and 
 
 * model/world frame: right-handed, x to the viewer's right, y up, z towards the camera; decimetres.
 * rotation: angles ``(pitch, yaw, roll) = (θx, θy, θz)`` in radians, ``R = Rz(θz) · Ry(θy) · Rx(θx)`` acting on
-  column vectors, ``v' = R v + t``.
+  column vectors, ``v' = R v + t``. Positive pitch turns the face down, positive yaw towards the image's right (the
+  opposite sign of AFLW2000-3D / 300W-LP / BIWI's yaw), positive roll tilts it counter-clockwise as viewed.
 * camera: at ``(0, 0, distance)`` looking along ``-z``; depth ``d = distance - z'``.
 * crop frame: ``u = f x'/d + cx``, ``v_up = f y'/d + cy`` (y up), focal 1015 px, centre (112, 112), 224 x 224.
 * shading: 3-band real SH with the reference's Lambertian constants, ``gamma`` channel-major (R 0:9, G 9:18,

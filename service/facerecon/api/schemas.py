@@ -145,7 +145,8 @@ class CoefficientsOut(BaseModel):
     id: list[float] = Field(description="identity shape coefficients")
     exp: list[float] = Field(description="expression coefficients (blendshape weights for blendshape models)")
     tex: list[float] = Field(description="albedo coefficients")
-    angle: list[float] = Field(description="(pitch, yaw, roll), radians", min_length=3, max_length=3)
+    angle: list[float] = Field(description="(pitch, yaw, roll), radians, signs as `pose_degrees` (`Pose`)",
+                               min_length=3, max_length=3)
     gamma: list[float] = Field(description="spherical-harmonics lighting, 27 values, channel-major R, G, B",
                                min_length=27, max_length=27)
     trans: list[float] = Field(description="translation (x, y, z), model units (`units.model`: decimetres for the "
@@ -170,11 +171,16 @@ class MeshUnits(BaseModel):
 
 
 class Pose(BaseModel):
-    """Head rotation in degrees (the model frame: x right, y up, z towards the camera)."""
+    """Head rotation in degrees: ``R = Rz(roll) Ry(yaw) Rx(pitch)`` applied to the face model in its frame (x to the
+    viewer's right, y up, z towards the camera), ``v' = R v + t``; a frontal face is (0, 0, 0). Yaw has the
+    opposite sign of AFLW2000-3D / 300W-LP / BIWI's (3DDFA, Hopenet): negate it to compare."""
 
-    pitch: float = Field(description="rotation about x, degrees")
-    yaw: float = Field(description="rotation about y, degrees")
-    roll: float = Field(description="rotation about z, degrees")
+    pitch: float = Field(description="rotation about x, degrees; positive: the face turns down (chin towards the "
+                                     "chest)")
+    yaw: float = Field(description="rotation about y, degrees; positive: the face turns towards the image's right "
+                                   "(the person's own left); AFLW2000-3D / 300W-LP / BIWI count it the other way")
+    roll: float = Field(description="rotation about z, degrees; positive: the head tilts counter-clockwise as the "
+                                    "photo is viewed (its top towards the image's left)")
 
 
 class AlignmentOut(BaseModel):
@@ -201,7 +207,8 @@ class DetectionOut(BaseModel):
     landmark_score: float = Field(description="landmark confidence, 0-1 (the face mesh's face-presence output)")
     reliable: bool = Field(description="both confidences above their thresholds")
     warnings: list[str] = Field(description="why the face is not reliable (empty when it is)")
-    pose_estimate: Pose | None = Field(None, description="head pose from the detector's 3D landmarks, degrees")
+    pose_estimate: Pose | None = Field(None, description="head pose from the detector's 3D landmarks, degrees, in "
+                                                         "`Pose`'s convention (its pitch reads about 10 degrees high)")
 
     @classmethod
     def of(cls, face: DetectedFace) -> DetectionOut:
@@ -273,7 +280,8 @@ class SetItem(BaseModel):
     box: list[float] = Field(min_length=4, max_length=4, description="detector box, photo px, y down")
     detection: DetectionOut
     pose_degrees: Pose
-    angle: list[float] = Field(description="(pitch, yaw, roll), radians", min_length=3, max_length=3)
+    angle: list[float] = Field(description="(pitch, yaw, roll), radians, signs as `pose_degrees` (`Pose`)",
+                               min_length=3, max_length=3)
     expression: list[float] = Field(description="`exp` coefficients")
     expressions: dict[str, float] | None = Field(None, description="`exp` by blendshape name, when named")
     lighting: list[float] = Field(description="`gamma`: 27 SH lighting coefficients", min_length=27, max_length=27)

@@ -168,8 +168,8 @@ def mesh_to_ibug68(points: np.ndarray) -> np.ndarray:
 def estimate_pose(points: np.ndarray) -> tuple[float, float, float]:
     """Head pose ``(pitch, yaw, roll)`` in degrees from one face's mesh points ``(468, 3)`` (photo px, y down, z
     smaller = nearer), in the reconstruction's convention (``facerecon.geometry``: y up, z towards the camera,
-    ``R = Rz Ry Rx``; positive yaw turns the face towards the image's right, positive pitch tilts the chin up...
-    as the coefficients' angles).
+    ``R = Rz Ry Rx``, as the coefficients' angles): positive pitch turns the face down (chin towards the chest),
+    positive yaw towards the image's right, positive roll tilts the head counter-clockwise as the photo is viewed.
 
     The head's x axis is the outer-eye-corner line (33 -> 263), its y axis the chin -> forehead line (152 -> 10)
     made orthogonal to x, z their cross product. The chin -> forehead line leans back by about 10-15 degrees on a
