@@ -2,7 +2,8 @@
 
     python -m eval.consistency [--lfw DIR] [--people 20] [--seed 0] [--modes fit,rnet,rnet+fit]
 
-On the LFW part of the training pool (``shared/data/faces-train/lfw``, files ``<Name>_<NNNN>.jpg``): ``--people``
+On the LFW part of the training pool (``shared/data/faces-train/lfw``, files ``<Name>_<NNNN>.jpg``), among the
+held-out people that no shipped network trained on (``facerecon.train.data.is_validation_person``): ``--people``
 people with 2-4 photos each (drawn with ``--seed``), every photo reconstructed **on its own** (largest face).
 Then, over all pairs of photos, the distance between their identities:
 
@@ -31,6 +32,7 @@ import torch
 from facerecon.errors import FaceReconError
 from facerecon.imaging import load_image
 from facerecon.pipeline import Reconstructor
+from facerecon.train.data import is_validation_person
 
 DEFAULT_LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces-train" / "lfw"
 MM_PER_MODEL_UNIT = 100.0  # decimetres -> millimetres
@@ -40,7 +42,8 @@ def people_with_sets(folder: Path, n: int, seed: int, lo: int = 2, hi: int = 4) 
     by_person: dict[str, list[Path]] = defaultdict(list)
     for p in sorted(folder.glob("*.jpg")):
         by_person[p.stem.rsplit("_", 1)[0]].append(p)
-    names = sorted(k for k, v in by_person.items() if lo <= len(v) <= hi)
+    # only the held-out people (facerecon.train.data.is_validation_person): no shipped network trained on them
+    names = sorted(k for k, v in by_person.items() if lo <= len(v) <= hi and is_validation_person(k))
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(names, size=min(n, len(names)), replace=False).tolist())
     return {k: by_person[k] for k in chosen}

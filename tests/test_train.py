@@ -196,7 +196,39 @@ def test_given_landmarks_are_targets_in_the_detectors_crop(tmp_path: Path) -> No
         p = prepare_face(img, face, model.standard_lm5)
         assert np.array_equal(real.images[i], p.crop)
         assert np.allclose(real.lm68[i], p.alignment.to_crop(e.lm68.astype(np.float64)), atol=1e-3)
+        # the stored transform rebuilds the crop's mapping (later annotations can be mapped into the crop)
+        from facerecon.align import Alignment
+
+        rebuilt = Alignment.from_params(*real.params[i])
+        assert np.allclose(rebuilt.to_crop(e.lm68.astype(np.float64)), real.lm68[i], atol=1e-3)
     again = D.build_real_cache(entries, tmp_path / "cache", model.standard_lm5)  # from the cache, same arrays
     assert np.array_equal(again.images, real.images) and np.allclose(again.yaw, real.yaw)
     both = D.RealSet.concat([real, again])
     assert len(both) == 4 and both.paths[2] == real.paths[0]
+
+
+def test_profile_fiducials_replace_the_visible_side_and_mute_the_hidden_one() -> None:
+    """A CFP profile's manual fiducials become the targets of their 5 iBUG points in the crop, mapped through the
+    crop's stored transform; the hidden side's points get weight 0; flips keep weights with their points."""
+    from facerecon.align import Alignment
+
+    n = 2
+    pts = np.zeros((30, 2), np.float32)
+    pts[:, 0] = np.linspace(100, 160, 30)  # ear (0) left of the nose tip (21): looks towards the image's right
+    pts[:, 1] = np.linspace(80, 200, 30)
+    params = np.array([[300, 300, 102 / 150, 150.0, 150.0]] * n)
+    real = D.RealSet(np.zeros((n, 224, 224, 3), np.uint8), np.zeros((n, 68, 2), np.float32),
+                     np.zeros((n, 224, 224), np.uint8), ["cfp001"] * n, ["/d/cfp/a.jpg", "/d/cfp/b.jpg"],
+                     np.zeros(n, bool), None, params)
+    fid = {str(Path("/d/cfp/a.jpg").resolve()): ("profile", pts), str(Path("/d/cfp/b.jpg").resolve()): ("frontal", pts)}
+    assert D.apply_profile_fiducials(real, fid) == 1
+    al = Alignment.from_params(*params[0])
+    assert np.allclose(real.lm68[0, 36], al.to_crop(pts[12:13].astype(np.float64))[0], atol=1e-4)
+    assert np.allclose(real.lm68[0, 30], al.to_crop(pts[21:22].astype(np.float64))[0], atol=1e-4)
+    assert real.lm_weight[0, 45] == 0 and real.lm_weight[0, 36] == 1 and real.lm_weight[0, 30] == 1
+    assert (real.lm_weight[1] == 1).all() and (real.lm68[1] == 0).all()  # the frontal photo is untouched
+    w = torch.from_numpy(real.lm_weight[:1]).repeat(4, 1)
+    lm = torch.from_numpy(real.lm68[:1]).repeat(4, 1, 1)
+    _, _, _, w2 = D.augment(torch.zeros(4, 3, 224, 224), torch.zeros(4, 1, 224, 224), lm, np.random.default_rng(0),
+                            flip=1.0, lm_weight=w)
+    assert (w2[:, 36] == 0).all() and (w2[:, 45] == 1).all()

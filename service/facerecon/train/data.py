@@ -34,6 +34,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -137,6 +138,10 @@ class RealSet:
         identity: N labels; paths: N source paths; given: ``(N,)`` bool, landmarks from an annotation file.
         yaw: ``(N,)`` float32 the detector's yaw estimate in degrees (NaN where the crop came from given landmarks
             alone).
+        params: ``(N, 5)`` float64 the crop's ``trans_params`` (:meth:`facerecon.align.Alignment.from_params`
+            rebuilds the transform, so later annotations can be mapped into the crop; NaN in caches without them).
+        lm_weight: ``(N, 68)`` float32 per-landmark weight of the landmark loss (1; 0 for points a label source
+            does not know, e.g. the hidden side of a profile).
     """
 
     images: np.ndarray
@@ -146,10 +151,17 @@ class RealSet:
     paths: list[str]
     given: np.ndarray
     yaw: np.ndarray | None = None
+    params: np.ndarray | None = None
+    lm_weight: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        n = len(self.paths)
         if self.yaw is None:
-            self.yaw = np.full(len(self.paths), np.nan, np.float32)
+            self.yaw = np.full(n, np.nan, np.float32)
+        if self.params is None:
+            self.params = np.full((n, 5), np.nan, np.float64)
+        if self.lm_weight is None:
+            self.lm_weight = np.ones((n, 68), np.float32)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -157,19 +169,21 @@ class RealSet:
     def subset(self, index: Sequence[int] | np.ndarray) -> RealSet:
         ix = np.asarray(index, dtype=np.int64)
         return RealSet(self.images[ix], self.lm68[ix], self.skin[ix], [self.identity[i] for i in ix],
-                       [self.paths[i] for i in ix], self.given[ix], self.yaw[ix] if self.yaw is not None else None)
+                       [self.paths[i] for i in ix], self.given[ix], _rows(self.yaw, ix), _rows(self.params, ix),
+                       _rows(self.lm_weight, ix))
 
     @staticmethod
     def concat(parts: Sequence[RealSet]) -> RealSet:
         return RealSet(np.concatenate([p.images for p in parts]), np.concatenate([p.lm68 for p in parts]),
                        np.concatenate([p.skin for p in parts]), [i for p in parts for i in p.identity],
                        [q for p in parts for q in p.paths], np.concatenate([p.given for p in parts]),
-                       np.concatenate([p.yaw for p in parts if p.yaw is not None]))
+                       np.concatenate([p.yaw for p in parts]), np.concatenate([p.params for p in parts]),  # type: ignore[misc]
+                       np.concatenate([p.lm_weight for p in parts]))  # type: ignore[misc]
 
 
 def preprocess_photo(image: np.ndarray, lm68_photo: np.ndarray | DetectedFace, lm3d5: np.ndarray,
-                     gmm: SkinGMM = REFERENCE_GMM, *, target_lm68: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     gmm: SkinGMM = REFERENCE_GMM, *, target_lm68: np.ndarray | None = None,
+                     with_params: bool = False) -> tuple[Any, ...]:
     """One photo -> ``(crop (224, 224, 3) uint8, lm68 (68, 2) float32 crop px y up, skin (224, 224) uint8)``.
 
     The crop is the pipeline's own (:func:`facerecon.pipeline.prepare_face`): what R-Net sees at inference.
@@ -178,7 +192,8 @@ def preprocess_photo(image: np.ndarray, lm68_photo: np.ndarray | DetectedFace, l
         image: ``(H, W, 3)`` uint8 RGB; lm68_photo: ``(68, 2)`` given landmarks (photo pixels, y down), or the
             detector's face (then its pose recentres a turned face's crop as at inference); lm3d5: the face model's
             5 standard 3D points (:attr:`FaceModel.standard_lm5`); target_lm68: given landmarks (photo px, y down)
-            to return in the crop made from the detector's face (else the face's own landmarks).
+            to return in the crop made from the detector's face (else the face's own landmarks); with_params: also
+            return the crop's ``trans_params`` (5 floats).
 
     Raises:
         NoFaceFound: the landmarks cannot be aligned.
@@ -193,7 +208,8 @@ def preprocess_photo(image: np.ndarray, lm68_photo: np.ndarray | DetectedFace, l
     p = prepare_face(image, face, lm3d5)
     skin = np.round(gmm.probability(p.crop) * 255.0).astype(np.uint8)
     lm = p.lm68_crop if target_lm68 is None else p.alignment.to_crop(np.asarray(target_lm68, np.float64))
-    return p.crop, np.asarray(lm, np.float32), skin
+    out = (p.crop, np.asarray(lm, np.float32), skin)
+    return (*out, np.asarray(p.alignment.trans_params, np.float64)) if with_params else out
 
 
 def _cache_key(entries: Sequence[PhotoEntry], gmm: SkinGMM) -> str:
@@ -229,9 +245,9 @@ def build_real_cache(
             meta = json.loads(bytes(z["meta"]).decode())
             log.info("real photos: %d from cache %s", z["images"].shape[0], cache_file)
             return RealSet(z["images"], z["lm68"], z["skin"], meta["identity"], meta["paths"], z["given"],
-                           z["yaw"])
+                           z["yaw"], z["params"] if "params" in z.files else None)
     detector = None
-    images, lms, skins, ids, paths, given, yaws = [], [], [], [], [], [], []
+    images, lms, skins, ids, paths, given, yaws, params = [], [], [], [], [], [], [], []
     it: Iterable[PhotoEntry] = progress(entries) if progress is not None else entries
     skipped = 0
     for e in it:
@@ -259,7 +275,8 @@ def build_real_cache(
         try:
             align_with = face if face is not None else e.lm68
             assert align_with is not None
-            crop, lm_crop, skin = preprocess_photo(img, align_with, lm3d5, gmm, target_lm68=e.lm68)
+            crop, lm_crop, skin, tp = preprocess_photo(img, align_with, lm3d5, gmm, target_lm68=e.lm68,
+                                                       with_params=True)
         except (ValueError, NoFaceFound) as exc:
             log.warning("skipping %s: %s", e.path, exc)
             skipped += 1
@@ -271,18 +288,70 @@ def build_real_cache(
         paths.append(str(e.path))
         given.append(e.lm68 is not None)
         yaws.append(face.pose[1] if face is not None and face.pose is not None else np.nan)
+        params.append(tp)
     if not images:
         raise ValueError("no usable photo in the training folders")
     real = RealSet(np.stack(images), np.stack(lms), np.stack(skins), ids, paths, np.asarray(given, bool),
-                   np.asarray(yaws, np.float32))
+                   np.asarray(yaws, np.float32), np.asarray(params, np.float64))
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta = json.dumps({"identity": ids, "paths": paths}).encode()
     tmp = cache_file.with_suffix(".tmp.npz")
     np.savez(tmp, images=real.images, lm68=real.lm68, skin=real.skin, given=real.given, yaw=real.yaw,
+             params=real.params,
              meta=np.frombuffer(meta, dtype=np.uint8))
     tmp.replace(cache_file)
     log.info("real photos: %d preprocessed (%d skipped), cached at %s", len(real), skipped, cache_file)
     return real
+
+
+def _rows(a: np.ndarray | None, ix: np.ndarray) -> np.ndarray | None:
+    return None if a is None else a[ix]
+
+
+#: iBUG-68 points on the image-left half of a frontal face (the subject's right), and the midline; the image-right
+#: half is their mirror (:data:`MIRROR_68`).
+LEFT_68 = np.array([*range(0, 8), *range(17, 22), 31, 32, *range(36, 42), 48, 49, 50, 58, 59, 60, 61, 67])
+MIDLINE_68 = np.array([8, 27, 28, 29, 30, 33, 51, 57, 62, 66])
+
+
+def read_cfp_fiducials(csv_path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """``fiducials_30.csv`` -> resolved image path -> ``(view, (30, 2) photo px y down)``."""
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    for row in rows[1:]:
+        pts = np.asarray(row[3:63], np.float32).reshape(30, 2)
+        out[str((Path(csv_path).parent / row[0]).resolve())] = (row[2], pts)
+    return out
+
+
+#: CFP's 30-point scheme -> iBUG 68 for the visible side of a face looking towards the image's right (checked on
+#: overlays, see eval/detection.py): outer / inner eye corner, nose tip, mouth corner, chin.
+CFP_TO_IBUG_RIGHT = {12: 36, 15: 39, 21: 30, 25: 48, 8: 8}
+
+
+def apply_profile_fiducials(real: RealSet, fiducials: dict[str, tuple[str, np.ndarray]]) -> int:
+    """Profile photos (CFP): the manual visible-side fiducials replace the detector's targets at their 5 iBUG
+    points, and the hidden side's points get weight 0 (the face mesh guesses them, reading profiles as 45-65
+    degrees). Needs the crops' ``params``; returns how many photos changed (in place)."""
+    from facerecon.align import Alignment
+
+    assert real.params is not None and real.lm_weight is not None
+    changed = 0
+    for i, path in enumerate(real.paths):
+        hit = fiducials.get(str(Path(path).resolve()))
+        if hit is None or hit[0] != "profile" or not np.isfinite(real.params[i]).all():
+            continue
+        pts = hit[1]
+        looks_right = pts[21, 0] > pts[0, 0]
+        table = CFP_TO_IBUG_RIGHT if looks_right else {k: int(MIRROR_68[v]) for k, v in CFP_TO_IBUG_RIGHT.items()}
+        al = Alignment.from_params(*real.params[i])
+        crop = al.to_crop(pts[list(table)].astype(np.float64))
+        real.lm68[i, list(table.values())] = crop.astype(np.float32)
+        hidden = MIRROR_68[LEFT_68] if looks_right else LEFT_68
+        real.lm_weight[i, hidden] = 0.0
+        changed += 1
+    return changed
 
 
 def is_validation_person(identity: str) -> bool:
@@ -458,8 +527,8 @@ def composite(foreground: np.ndarray, mask: np.ndarray, background: np.ndarray, 
 # Augmentation (reference PT: shift, scale, rotation, flip)
 # ---------------------------------------------------------------------------------------------------------------
 def augment(images: Tensor, skin: Tensor, lm68: Tensor, rng: np.random.Generator, *, shift: float = 10.0,
-            scale: tuple[float, float] = (0.9, 1.1), rot_deg: float = 10.0, flip: float = 0.5
-            ) -> tuple[Tensor, Tensor, Tensor]:
+            scale: tuple[float, float] = (0.9, 1.1), rot_deg: float = 10.0, flip: float = 0.5,
+            lm_weight: Tensor | None = None) -> tuple[Tensor, ...]:
     """Random similarity + flip of aligned crops, as the reference's augmentation (reference.md section 12).
 
     Args:
@@ -467,9 +536,11 @@ def augment(images: Tensor, skin: Tensor, lm68: Tensor, rng: np.random.Generator
             pixels, y up.
         rng: the sampler.
 
+        lm_weight: optional ``(B, 68)`` per-landmark weights, re-indexed with the landmarks (then returned 4th).
+
     Returns:
         The transformed ``(images, skin, lm68)`` (bilinear resampling, zero outside; flipped landmarks re-indexed
-        with :data:`MIRROR_68`).
+        with :data:`MIRROR_68`), and ``lm_weight`` when given.
     """
     b = images.shape[0]
     c = (CROP - 1) / 2.0  # pixel-centre frame: the crop's centre
@@ -500,4 +571,6 @@ def augment(images: Tensor, skin: Tensor, lm68: Tensor, rng: np.random.Generator
         mirror = torch.from_numpy(MIRROR_68)
         fl = torch.from_numpy(flips)
         out = torch.where(fl[:, None, None], out[:, mirror], out)
-    return images, skin, out
+        if lm_weight is not None:
+            lm_weight = torch.where(fl[:, None], lm_weight[:, mirror], lm_weight)
+    return (images, skin, out) if lm_weight is None else (images, skin, out, lm_weight)

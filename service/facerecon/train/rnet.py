@@ -62,7 +62,12 @@ def real_photos(folders: list[str], cache: Path, lm3d5: np.ndarray, limit: int =
     for folder in folders:
         entries = D.list_photos([Path(folder)], limit=limit or None)
         if entries:
-            parts.append(D.build_real_cache(entries, cache, lm3d5, progress=progress))
+            part = D.build_real_cache(entries, cache, lm3d5, progress=progress)
+            fid = Path(folder) / "fiducials_30.csv"
+            if fid.is_file():
+                log.info("%s: manual profile fiducials applied to %d photos", folder,
+                         D.apply_profile_fiducials(part, D.read_cfp_fiducials(fid)))
+            parts.append(part)
     if not parts:
         raise ValueError(f"no photos in {folders}")
     return D.RealSet.concat(parts)
@@ -172,16 +177,18 @@ def _synthetic_batch(rd: RunData, n: int, rng: np.random.Generator, device: torc
 
 
 def _real_batch(rd: RunData, n: int, rng: np.random.Generator, device: torch.device, augment: bool
-                ) -> tuple[Tensor, Tensor, Tensor]:
-    """``n`` real photos: images ``(n, 3, 224, 224)``, skin attention ``(n, 1, 224, 224)``, landmarks."""
-    assert rd.train is not None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``n`` real photos: images ``(n, 3, 224, 224)``, skin attention ``(n, 1, 224, 224)``, landmarks, and the
+    landmarks' weights ``(n, 68)``."""
+    assert rd.train is not None and rd.train.lm_weight is not None
     ix = rng.integers(0, len(rd.train), size=n)
     img = _to_tensor_images(rd.train.images[ix], device)
     skin = torch.from_numpy(rd.train.skin[ix]).to(device)[:, None].float().div_(255.0)
     lm = torch.from_numpy(rd.train.lm68[ix]).to(device)
+    lw = torch.from_numpy(rd.train.lm_weight[ix]).to(device)
     if augment:
-        img, skin, lm = D.augment(img, skin, lm, rng)
-    return img, skin_attention(skin), lm
+        img, skin, lm, lw = D.augment(img, skin, lm, rng, lm_weight=lw)
+    return img, skin_attention(skin), lm, lw
 
 
 _LOSS_COLUMNS = ["step", "seconds", "lr", "total", "landmark", "coef", "gamma", "supervision", "photo",
@@ -251,7 +258,7 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
             s_img, s_vec, s_lm = _synthetic_batch(rd, n_syn, rng, device)
             parts.append(s_img)
             if n_real:
-                r_img, r_skin, r_lm = _real_batch(rd, n_real, rng, device, cfg.augment)
+                r_img, r_skin, r_lm, r_lw = _real_batch(rd, n_real, rng, device, cfg.augment)
                 parts.append(r_img)
             images = torch.cat(parts)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
@@ -260,7 +267,11 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
             c_all = Coefficients.from_vector(vec, model.layout)
             lm_pred = decoder.landmarks(c_all)
             lm_target = torch.cat([s_lm, r_lm]) if n_real else s_lm
-            lm_loss = losses.landmark_loss(lm_pred, lm_target, lm_w)
+            # per-sample landmark weights: the reference's (nose, inner mouth x 20) times each photo's own (0 where
+            # its label source does not know a point)
+            sample_w = torch.cat([torch.ones(n_syn, 68, device=device), r_lw]) if n_real else torch.ones(
+                n_syn, 68, device=device)
+            lm_loss = losses.landmark_loss(lm_pred, lm_target, lm_w[None] * sample_w)
             true = Coefficients.from_vector(s_vec, model.layout)
             sup = supervision_loss(Coefficients.from_vector(vec[:n_syn], model.layout), true)
             total = w.landmark * lm_loss + cfg.coef_supervision * sup
