@@ -339,3 +339,24 @@ def test_albedo_texture_holds_the_vertex_albedo(reconstructor, cases) -> None:
     # bilinear samples at every vertex's UV, away from chart borders, stay close as well
     sampled = sample_texture(tex.image, uv)
     assert np.median(np.abs(sampled - albedo)) < 2.0
+
+
+def test_the_unseen_back_of_the_head_is_not_black(reconstructor) -> None:
+    """The photo texture's back of the head (never seen, filled from the fitted model) used to be near black: the SH
+    lighting fitted to the front falls to about zero there. It keeps at least part of the front's shading now."""
+    import io
+
+    import trimesh
+
+    from facerecon.imaging import load_image
+
+    image = load_image(EXAMPLES / "000002.jpg")
+    rec = reconstructor.reconstruct(image, refine=False)[0]
+    glb = reconstructor.export_files(image, rec, "glb", "photo")["mesh.glb"]
+    mesh = next(iter(trimesh.load(io.BytesIO(glb), file_type="glb").geometry.values()))
+    colours = mesh.visual.to_color().vertex_colors[:, :3].astype(np.float64)
+    luma = colours @ np.array([0.299, 0.587, 0.114])
+    nz = mesh.vertex_normals[:, 2]
+    back, front = luma[nz < -0.7].mean(), luma[nz > 0.7].mean()
+    print(f"\nluma: back of the head {back:.0f}, front {front:.0f}")
+    assert back > 0.5 * front, (back, front)  # was 26 vs 132
