@@ -30,6 +30,8 @@ pytestmark = pytest.mark.timeout(240)
 
 PHOTO = "000002.jpg"
 SET_PHOTOS = ("Aaron_Peirsol_0001.jpg", "Aaron_Peirsol_0003.jpg")
+OTHER_PHOTO = "000006.jpg"
+BACKGROUND = np.array([0xE9, 0xEC, 0xEF], np.float32)  # the viewer's clear colour
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 DRIVER = REPO / "tests" / "browser" / "page.mjs"
 SCREENSHOT = REPO / "docs" / "page.png"
@@ -181,6 +183,10 @@ def test_page_in_chromium(live: str, tmp_path: Path) -> None:
     doubted = SHARED / "data" / "faces-train" / "cfp" / "images" / "001" / "profile" / "01.jpg"
     if doubted.exists():  # a true profile whose landmarks the face mesh rates 0.26
         cmd += ["--doubted", str(doubted)]
+    group = SHARED / "data" / "faces-train" / "misc" / "3ddfa_examples" / "trump_hillary.jpg"
+    if group.exists():
+        cmd += ["--group", str(group)]
+    cmd += ["--other", str(EXAMPLES / OTHER_PHOTO)]
     if update:
         cmd += ["--screenshot", str(shot)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO)
@@ -212,6 +218,10 @@ def test_page_in_chromium(live: str, tmp_path: Path) -> None:
         assert result["pose"][key].endswith("°"), result["pose"]
     assert result["landmarksToggle"], "the landmarks toggle did not change the overlay"
 
+    # Issue #18 item 6: refine, a photo replaced while running, the back of the head, downloads without a rerun,
+    # a group photo's other face.
+    _check_issue_18(live, result, tmp_path, group.exists())
+
     # Every download parses.
     for fmt in ("obj", "glb", "ply", "json"):
         info = result["downloads"][fmt]
@@ -239,3 +249,48 @@ def _check_set(result: dict[str, Any], out: Path, empty: np.ndarray) -> None:
     assert all(p.endswith("°") for p in result["set"]["poses"]), result["set"]
     identity = _pixels(out / "set.png")
     assert identity.std() > 15.0 and np.abs(identity - empty).mean() > 5.0
+
+
+def _head(path: Path) -> np.ndarray:
+    """The pixels of a viewer screenshot that are not the background."""
+    px = _pixels(path)
+    return px[np.abs(px - BACKGROUND).sum(-1) > 40]
+
+
+def _check_issue_18(live: str, result: dict[str, Any], out: Path, with_group: bool) -> None:
+    default_mode = httpx.get(f"{live}/v1/models", timeout=10).json()["default_mode"]
+    # The checkbox starts as the service's default and is always sent (unchecked used to send nothing).
+    assert result["refineDefault"] == (default_mode != "rnet"), (result["refineDefault"], default_mode)
+    first = result["firstRequests"]
+    assert first and all(r["refine"] == ("true" if result["refineDefault"] else "false") for r in first), first
+    replaced = result["replaced"]
+    assert all(r["refine"] == "false" for r in replaced["requests"]), replaced["requests"]
+    assert replaced["meta"].startswith("Mode rnet,"), replaced["meta"]  # unchecked: no fitting, really
+    # The photo chosen while another ran is the one done and shown (it used to be ignored).
+    assert replaced["status"] == f"Done: {PHOTO}." and not replaced["errorShown"], replaced
+    assert len(replaced["requests"]) == 4, "both photos were sent: the second replaced the first"
+    # Downloads are made from the result: no request to the service (OBJ and PLY used to rerun everything).
+    assert result["downloadRequests"] == 0
+    api_obj = httpx.post(f"{live}/v1/reconstruct", files={"image": (PHOTO, (EXAMPLES / PHOTO).read_bytes())},
+                         data={"format": "obj", "refine": first[0]["refine"]}, timeout=120)
+    assert api_obj.status_code == 200
+    ours = _parses("obj", Path(result["downloads"]["obj"]["path"]))
+    theirs = trimesh.load(io.BytesIO(api_obj.content), file_type="obj", force="mesh", process=False)
+    assert len(ours.vertices) == len(theirs.vertices) and len(ours.faces) == len(theirs.faces)
+    # Same units (decimetres, where the GLB is in metres) and the same face: two fits of one photo (one asked with
+    # faces=all) agree to a few millimetres, not bit for bit.
+    assert np.allclose(ours.extents, theirs.extents, rtol=0.03), (ours.extents, theirs.extents)
+    assert np.abs(ours.vertices - theirs.vertices).mean() < 0.05
+    colour_diff = np.abs(ours.visual.vertex_colors.astype(float) - theirs.visual.vertex_colors.astype(float))
+    assert colour_diff.mean() < 4.0, colour_diff.mean()
+    ply = _parses("ply", Path(result["downloads"]["ply"]["path"]))
+    assert np.allclose(ply.vertices, ours.vertices, atol=1e-3)
+    # The back of the textured head is not near black (the unseen part used to be filled dark).
+    back, front = _head(out / "back.png"), _head(out / "face.png")
+    assert len(back) > 1000 and back.mean() > 0.5 * front.mean(), (back.mean(), front.mean())
+    if with_group:  # a face picker for a group photo; its downloads are the chosen face's
+        group = result["group"]
+        assert group["visible"] and group["buttons"] >= 2 and group["overlayChanged"], group
+        assert group["yaw"][0] != group["yaw"][1] and "face 2 of" in group["meta"], group
+        assert group["download"] == "trump_hillary_face1.obj"
+        _parses("obj", Path(group["path"]))

@@ -2,9 +2,11 @@
 // browser). Used by tests/test_page.py:
 //   node tests/browser/page.mjs BASE_URL PHOTO OUT_DIR [--screenshot PAGE.png] [--set A.jpg,B.jpg,...]
 //     [--doubted PROFILE.jpg]  (a photo whose face the detector flags as unreliable: the page must say so)
+//     [--group GROUP.jpg] [--other OTHER.jpg]  (a photo with several faces; a second single photo)
 // Writes into OUT_DIR: empty.png and face.png / shaded.png / orbited.png / reset.png (the viewer canvas before the
 // upload and after it), the four downloads (face.obj, face.glb, face.ply, face.json), set.png (the identity of a
-// set, with --set) and result.json (what the page showed).
+// set, with --set), back.png (the head seen from behind), group_obj (with --group) and result.json (what the page
+// showed, and the API requests it sent with their `refine` field).
 import { createRequire } from "node:module";
 import { parseArgs } from "node:util";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
@@ -16,7 +18,10 @@ const { chromium } = require("playwright-core");
 
 const { values: opts, positionals } = parseArgs({
   allowPositionals: true,
-  options: { screenshot: { type: "string" }, set: { type: "string" }, doubted: { type: "string" } },
+  options: {
+    screenshot: { type: "string" }, set: { type: "string" }, doubted: { type: "string" }, group: { type: "string" },
+    other: { type: "string" },
+  },
 });
 const [base, photo, out] = positionals;
 if (!base || !photo || !out) {
@@ -46,9 +51,28 @@ try {
   page.setDefaultTimeout(TIMEOUT);
   page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
   page.on("pageerror", (e) => errors.push(String(e)));
+  // Every API request the page sends, with its text form fields (recorded in the page: CDP does not give
+  // multipart bodies with files).
+  await page.addInitScript(() => {
+    window.__requests = [];
+    const original = window.fetch;
+    window.fetch = (input, init) => {
+      if (init?.body instanceof FormData) {
+        const fields = Object.fromEntries([...init.body.entries()].filter(([, v]) => typeof v === "string"));
+        window.__requests.push({ path: String(input), ...fields });
+      }
+      return original(input, init);
+    };
+  });
+  const requests = () => page.evaluate(() => window.__requests);
+  const requestCount = async () => (await requests()).length;
+  const doneWith = (name) => page.waitForFunction((n) => document.querySelector("#status").textContent === `Done: ${n}.`,
+    name);
 
   await page.goto(base + "/");
   await page.waitForSelector("body[data-ready=true]");
+  result.refineDefault = await page.isChecked("#refine");
+  result.firstRequests = null;
   const canvas = page.locator("#viewer canvas");
   await canvas.screenshot({ path: join(out, "empty.png") });
 
@@ -58,6 +82,7 @@ try {
   await page.waitForFunction(() => !document.querySelector("#view-reset").disabled);
   await canvas.screenshot({ path: join(out, "face.png") });
   result.status = await page.textContent("#status");
+  result.firstRequests = await requests();
   result.pose = Object.fromEntries(
     await Promise.all(["pitch", "yaw", "roll"].map(async (k) => [k, await page.textContent(`#${k}`)])));
   result.errorShown = await page.isVisible("#error");
@@ -75,6 +100,13 @@ try {
   await canvas.screenshot({ path: join(out, "orbited.png") });
   await page.click("#view-reset");
   await canvas.screenshot({ path: join(out, "reset.png") });
+  // Half a turn (OrbitControls: a drag of the canvas height is a full turn): the back of the textured head.
+  await page.mouse.move(box.x + box.width / 2 - box.height / 4, box.y + box.height / 2);
+  await page.mouse.down();
+  await page.mouse.move(box.x + box.width / 2 + box.height / 4, box.y + box.height / 2, { steps: 10 });
+  await page.mouse.up();
+  await canvas.screenshot({ path: join(out, "back.png") });
+  await page.click("#view-reset");
 
   // The landmarks toggle changes the overlay canvas.
   const overlayData = () => page.evaluate(() => document.querySelector("#overlay").toDataURL());
@@ -88,7 +120,8 @@ try {
     await page.screenshot({ path: opts.screenshot, fullPage: true });
   }
 
-  // Every download button gives a file.
+  // Every download button gives a file, made from what the page has: no request to the service.
+  const before = await requestCount();
   for (const format of ["obj", "glb", "ply", "json"]) {
     const [download] = await Promise.all([
       page.waitForEvent("download"),
@@ -97,6 +130,44 @@ try {
     const path = join(out, `face.${format}`);
     await download.saveAs(path);
     result.downloads[format] = { path, suggested: download.suggestedFilename() };
+  }
+  result.downloadRequests = (await requestCount()) - before;
+
+  // Refine unchecked is sent as refine=false; a photo chosen while one runs replaces it (the last one is shown).
+  if (opts.other) {
+    await page.setChecked("#refine", false);
+    const first = await requestCount();
+    await page.setInputFiles("#photos", opts.other);
+    await page.waitForFunction(() => document.querySelector("#status").textContent.startsWith("Reconstructing"));
+    await page.setInputFiles("#photos", photo);
+    await doneWith(photo.split("/").pop());
+    await page.waitForTimeout(500); // a superseded run must not overwrite what is shown after this
+    result.replaced = {
+      status: await page.textContent("#status"), meta: await page.textContent("#meta"),
+      yaw: await page.textContent("#yaw"), requests: (await requests()).slice(first),
+      errorShown: await page.isVisible("#error"),
+    };
+    await page.setChecked("#refine", true);
+  }
+
+  // A group photo: one button per face; choosing one shows its pose and overlay and makes its downloads.
+  if (opts.group) {
+    await page.setInputFiles("#photos", opts.group);
+    await doneWith(opts.group.split("/").pop());
+    const buttons = page.locator("#faces-body button");
+    const overlayBefore = await overlayData();
+    const yawBefore = await page.textContent("#yaw");
+    await buttons.nth(1).click();
+    await page.waitForFunction(() => document.querySelector("#faces-body button[data-face='1'][aria-pressed=true]"));
+    const [download] = await Promise.all([
+      page.waitForEvent("download"), page.click("#downloads button[data-format=obj]"),
+    ]);
+    await download.saveAs(join(out, "group.obj"));
+    result.group = {
+      visible: await page.isVisible("#faces-list"), buttons: await buttons.count(),
+      overlayChanged: (await overlayData()) !== overlayBefore, yaw: [yawBefore, await page.textContent("#yaw")],
+      meta: await page.textContent("#meta"), download: download.suggestedFilename(), path: join(out, "group.obj"),
+    };
   }
 
   // A set: one identity mesh, one pose per photo.
