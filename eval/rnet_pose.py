@@ -39,6 +39,7 @@ from eval.detection import CFP_TO_IBUG_LEFT, CFP_TO_IBUG_RIGHT, YAW_BINS
 from facerecon.config import Settings
 from facerecon.detect.face import make_face
 from facerecon.errors import FaceReconError
+from facerecon.fit import FitConfig
 from facerecon.pipeline import Reconstructor
 from facerecon.results import PreparedFace
 from facerecon.train.data import is_validation_person
@@ -83,6 +84,7 @@ def afw_helen(rec: Reconstructor, modes: list[str], limit: int | None, fit_limit
     items = facedata.every(facedata.afw_helen(("afw", "helen_testset")), limit)
     lm3d = rec.model.standard_landmarks68
     rows: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+    times: dict[str, list[float]] = {m: [] for m in modes}
     fit_every = max(1, math.ceil(len(items) / max(fit_limit, 1)))
     missed = 0
     for k, a in enumerate(tqdm(items, desc="afw+helen test", mininterval=10)):
@@ -96,7 +98,9 @@ def afw_helen(rec: Reconstructor, modes: list[str], limit: int | None, fit_limit
         for m in modes:
             if "fit" in m and k % fit_every:
                 continue
+            t0 = time.perf_counter()
             lm, _ = run_mode(rec, image, prepared, m)
+            times[m].append((time.perf_counter() - t0) * 1000.0)
             err = np.linalg.norm(lm - a.points, axis=1) / a.box_norm
             rows[m].append((yaw, float(err.mean()), float(err[17:].mean())))
     out: dict[str, Any] = {"n": len(items), "missed": missed}
@@ -108,6 +112,7 @@ def afw_helen(rec: Reconstructor, modes: list[str], limit: int | None, fit_limit
             key = "all" if (lo, hi) == (0, 91) else f"{lo}-{hi}"
             table[key] = {"n": len(sel), "nme68": float(sel[:, 1].mean()) if len(sel) else float("nan"),
                           "nme51": float(sel[:, 2].mean()) if len(sel) else float("nan")}
+        table["ms_median"] = float(np.median(times[m])) if times[m] else float("nan")  # type: ignore[assignment]
         out[m] = table
     return out
 
@@ -195,15 +200,16 @@ def synthetic(rec: Reconstructor, n: int, seed: int = 4242) -> dict[str, Any]:
     return out
 
 
-def evaluate(models_dir: Path | None, modes: list[str], limit: int | None, fit_limit: int, syn: int
-             ) -> dict[str, Any]:
+def evaluate(models_dir: Path | None, modes: list[str], limit: int | None, fit_limit: int, syn: int,
+             fit_steps: tuple[int, int] | None = None) -> dict[str, Any]:
     settings = Settings(models_dir=models_dir) if models_dir else Settings()
     torch.set_num_threads(1)
-    rec = Reconstructor(settings)
+    fit_config = FitConfig(landmark_steps=fit_steps[0], photo_steps=fit_steps[1]) if fit_steps else None
+    rec = Reconstructor(settings, fit_config=fit_config)
     t0 = time.perf_counter()
     card = (rec.info()["rnet"] or {}).get("card") or {}
     report: dict[str, Any] = {"models_dir": str(settings.models_dir), "rnet": card.get("description"),
-                              "modes": modes}
+                              "modes": modes, "fit_steps": [rec.fit_config.landmark_steps, rec.fit_config.photo_steps]}
     report["afw_helen_test"] = afw_helen(rec, modes, limit, fit_limit)
     report["cfp_profiles_heldout"] = cfp_profiles(rec, modes, limit, fit_limit)
     if syn and rec.rnet is not None:
@@ -213,14 +219,15 @@ def evaluate(models_dir: Path | None, modes: list[str], limit: int | None, fit_l
 
 
 def print_report(r: dict[str, Any]) -> None:
-    print(f"\nR-Net: {r['rnet']}  ({r['models_dir']})")
+    print(f"\nR-Net: {r['rnet']}  ({r['models_dir']}); fit steps (landmark, photometric) {r['fit_steps']}")
     a = r["afw_helen_test"]
     print(f"AFW + HELEN test: {a['n']} faces ({a['missed']} not found); NME 68 / inner 51, % of sqrt(box area)")
     bins = [f"{lo}-{hi}" for lo, hi in YAW_BINS] + ["all"]
-    print(f"{'mode':<10}" + "".join(f"{b:>16}" for b in bins))
+    print(f"{'mode':<10}" + "".join(f"{b:>16}" for b in bins) + f"{'ms/face':>9}")
     for m in r["modes"]:
         print(f"{m:<10}" + "".join(
-            f"{100 * a[m][b]['nme68']:>7.2f}/{100 * a[m][b]['nme51']:<4.2f}({a[m][b]['n']:>3})" for b in bins))
+            f"{100 * a[m][b]['nme68']:>7.2f}/{100 * a[m][b]['nme51']:<4.2f}({a[m][b]['n']:>3})" for b in bins)
+            + f"{a[m]['ms_median']:>9.1f}")
     c = r["cfp_profiles_heldout"]
     print(f"CFP profiles of held-out people: {c['reconstructed']}/{c['n']} reconstructed")
     for m in r["modes"]:
@@ -245,10 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="at most N photos per set (evenly spaced)")
     ap.add_argument("--fit-limit", type=int, default=60, help="photos per set for the fitting modes")
     ap.add_argument("--synthetic", type=int, default=200)
+    ap.add_argument("--fit-steps", default="", help="landmark,photometric steps of the fit (default: the pipeline's)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    steps = tuple(int(v) for v in args.fit_steps.split(",")) if args.fit_steps else None
     report = evaluate(args.models_dir, [m for m in args.modes.split(",") if m], args.limit, args.fit_limit,
-                      args.synthetic)
+                      args.synthetic, steps)  # type: ignore[arg-type]
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

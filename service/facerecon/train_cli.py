@@ -42,7 +42,7 @@ def _train_cnet(args: argparse.Namespace) -> int:
         data=[str(p) for p in args.data], out=str(args.out), rnet_run=str(args.rnet_run or args.out),
         steps=args.steps, lr=args.lr, render_size=args.render_size, perceptual=not args.no_perceptual,
         seed=args.seed, threads=args.threads, device=args.device, cache_dir=str(args.cache_dir or ""),
-        max_photos=args.max_photos, progress=not args.no_progress,
+        max_photos=args.max_photos, eval_sets=args.eval_sets, progress=not args.no_progress,
     )
     print(f"checkpoint: {train_cnet(cfg, resume=args.resume)}")
     return 0
@@ -152,6 +152,8 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     c.add_argument("--render-size", type=int, default=112, choices=[56, 112, 224])
     c.add_argument("--no-perceptual", action="store_true")
     c.add_argument("--max-photos", type=int, default=0)
+    c.add_argument("--eval-sets", type=int, default=100,
+                   help="held-out people's sets to compare with mean pooling after training (0 = skip)")
     _common(c)
     c.set_defaults(func=_train_cnet)
 

@@ -64,9 +64,10 @@ def train_cnet(cfg: CNetConfig, resume: bool = False) -> Path:
     decoder = FaceDecoder(model)
     renderer = get_renderer("auto", device)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
-    real = real_photos(cfg.data, cache, model.standard_lm5, cfg.max_photos, _progress if cfg.progress else None)
+    everyone = real_photos(cfg.data, cache, model.standard_lm5, cfg.max_photos, _progress if cfg.progress else None)
     # the held-out people (eval.consistency and eval.rnet_pose measure on them) never form a training set
-    real = real.subset([i for i, p in enumerate(real.identity) if not D.is_validation_person(p)])
+    real = everyone.subset([i for i, p in enumerate(everyone.identity) if not D.is_validation_person(p)])
+    held = everyone.subset([i for i, p in enumerate(everyone.identity) if D.is_validation_person(p)])
     sets = _person_sets(real, cfg.min_set)
     if not sets:
         raise ValueError("no person with enough photos for an image set")
@@ -126,4 +127,34 @@ def train_cnet(cfg: CNetConfig, resume: bool = False) -> Path:
         if pbar is not None:
             pbar.close()
     save_checkpoint(ckpt, cnet, opt, step, {"rnet_run": str(cfg.rnet_run)})
+    if cfg.eval_sets:
+        report = compare_with_mean_pooling(rnet, cnet.eval(), decoder, renderer, held, cfg, descriptor, device)
+        (out / "cnet_eval.json").write_text(json.dumps(report, indent=1) + "\n")
+        log.info("C-Net vs mean pooling on held-out sets: %s", report)
     return ckpt
+
+
+@torch.no_grad()
+def compare_with_mean_pooling(rnet: torch.nn.Module, cnet: ConfidenceNet, decoder: FaceDecoder, renderer: Renderer,
+                              held: D.RealSet, cfg: CNetConfig, descriptor: torch.nn.Module | None,
+                              device: torch.device) -> dict[str, float]:
+    """The set loss of held-out people's image sets (up to ``cfg.max_set`` photos each, the first
+    ``cfg.eval_sets`` people) with the C-Net's aggregation and with plain mean pooling."""
+    ours, base = [], []
+    for members in _person_sets(held, cfg.min_set)[: cfg.eval_sets]:
+        ix = members[: cfg.max_set]
+        img = _to_tensor_images(held.images[ix], device)
+        skin = skin_attention(torch.from_numpy(held.skin[ix]).to(device)[:, None].float() / 255.0)
+        lm = torch.from_numpy(held.lm68[ix]).to(device)
+        vec, feats = rnet.forward_with_features(img)  # type: ignore[operator]
+        coeffs = Coefficients.from_vector(vec, decoder.model.layout)
+        conf_id, conf_tex = cnet(img, feats)
+        ours.append(set_loss(decoder, renderer, aggregate_set(coeffs, conf_id, conf_tex), img, skin, lm,
+                             cfg.render_size, descriptor)["total"].item())
+        ones = torch.ones_like(conf_id), torch.ones_like(conf_tex)
+        base.append(set_loss(decoder, renderer, aggregate_set(coeffs, *ones), img, skin, lm, cfg.render_size,
+                             descriptor)["total"].item())
+    o, b = np.asarray(ours), np.asarray(base)
+    return {"sets": len(o), "cnet_set_loss": float(o.mean()) if len(o) else float("nan"),
+            "mean_pool_set_loss": float(b.mean()) if len(b) else float("nan"),
+            "share_lower": float((o < b).mean()) if len(o) else float("nan")}

@@ -105,7 +105,8 @@ def lr_at(step: int, cfg: RNetConfig, elapsed_s: float = 0.0) -> float:
 @dataclass
 class CNetConfig:
     """C-Net run: ``rnet_run`` is the R-Net run directory (frozen); sets of ``min_set``-``max_set`` photos of one
-    person from ``data``; Adam ``lr`` (paper 2e-5; a short CPU run uses more)."""
+    person from ``data``; Adam ``lr`` (paper 2e-5; a short CPU run uses more); after training, ``eval_sets``
+    held-out people's sets compare the C-Net with mean pooling (``cnet_eval.json``; 0 = skip)."""
 
     data: list[str]
     out: str
@@ -122,6 +123,7 @@ class CNetConfig:
     cache_dir: str = ""
     max_photos: int = 0
     checkpoint_every: int = 25
+    eval_sets: int = 100
     progress: bool = True
 
     @classmethod
