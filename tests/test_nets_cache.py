@@ -24,22 +24,35 @@ def _no_decompress(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime.lzma, "decompress", fail)
 
 
+def _xz_copy(tmp_path: Path) -> Path:
+    """A models folder whose C-Net is stored xz-compressed (the shipped one may be plain or compressed)."""
+    folder = tmp_path / "ict"
+    folder.mkdir()
+    for name in ("facemodel.json", "facemodel.npz", "cnet.json", "rnet.json"):
+        shutil.copy(ICT_MODEL.parent / name, folder / name)
+    card = json.loads(CNET.read_text())
+    packed, plain = ICT_MODEL.parent / (card["file"] + ".xz"), ICT_MODEL.parent / card["file"]
+    raw = lzma.decompress(packed.read_bytes()) if packed.is_file() else plain.read_bytes()
+    (folder / (card["file"] + ".xz")).write_bytes(lzma.compress(raw, preset=1))
+    return folder / "facemodel.npz"
+
+
 def test_an_xz_network_is_decompressed_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not (ICT_MODEL.parent / "cnet.onnx.xz").is_file():
-        pytest.skip("the shipped C-Net is not xz-compressed")
-    first = OnnxNet.for_face_model(ICT_MODEL, "cnet", cache_dir=tmp_path)
-    cached = cache_path(tmp_path, first.card)
+    npz = _xz_copy(tmp_path)
+    cache = tmp_path / "cache"
+    first = OnnxNet.for_face_model(npz, "cnet", cache_dir=cache)
+    cached = cache_path(cache, first.card)
     assert cached.name == f"{first.card.sha256}.onnx"
     assert cached.stat().st_size == first.card.bytes
-    assert cached.read_bytes() == lzma.decompress((ICT_MODEL.parent / "cnet.onnx.xz").read_bytes())
+    assert cached.read_bytes() == lzma.decompress((npz.parent / "cnet.onnx.xz").read_bytes())
     assert not list(cached.parent.glob("*.tmp"))  # written atomically
     with monkeypatch.context() as m:
         _no_decompress(m)
-        second = OnnxNet.for_face_model(ICT_MODEL, "cnet", cache_dir=tmp_path)
+        second = OnnxNet.for_face_model(npz, "cnet", cache_dir=cache)
     assert second.card == first.card
     # a corrupt cache entry is not trusted: decompressed again and replaced
     cached.write_bytes(b"\0" * first.card.bytes)
-    OnnxNet.for_face_model(ICT_MODEL, "cnet", cache_dir=tmp_path)
+    OnnxNet.for_face_model(npz, "cnet", cache_dir=cache)
     assert cached.read_bytes()[:4] != b"\0\0\0\0"
 
 

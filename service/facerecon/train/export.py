@@ -84,9 +84,10 @@ def export_run(run_dir: Path, models_dir: Path | None = None, *, weights_fp16: b
         with open(run_dir / "losses.csv", newline="") as fh:
             seconds = sum(float(r["seconds"]) for r in csv.DictReader(fh))
     training: dict[str, str | int | float | bool] = {
-        "recipe": "weakly-supervised hybrid loss (landmark, skin-attention photometric, perceptual with dlib's "
-                  "face descriptor, coefficient/gamma/albedo regularisers, reference weights) + coefficient "
-                  "supervision on synthetic renders; facerecon.train.loop",
+        "recipe": "weakly-supervised hybrid loss (landmark, skin-attention photometric, "
+                  + ("perceptual with dlib's face descriptor, " if cfg.perceptual else "")
+                  + "coefficient/gamma/albedo regularisers, reference weights) + coefficient supervision on "
+                  "synthetic renders; facerecon.train.loop",
         "steps": step, "batch": cfg.batch, "images_seen": step * cfg.batch, "backbone": cfg.backbone,
         "trunk_input_px": cfg.trunk_size, "synthetic_fraction": 1.0 if not real else cfg.synthetic_fraction,
         "photometric_images_per_batch": cfg.photo_per_batch if real else 0, "lr": cfg.lr,
@@ -127,11 +128,18 @@ def export_run(run_dir: Path, models_dir: Path | None = None, *, weights_fp16: b
     cards = [export_rnet(net, out_dir / "rnet.onnx", info, weights_fp16=weights_fp16, batch=2)]
     if (run_dir / CNET_CHECKPOINT).is_file():
         cnet, cstep = load_cnet(run_dir, net.feature_dim, model.layout)
+        ccfg_file = run_dir / "cnet_config.json"
+        cdata = json.loads(ccfg_file.read_text()).get("data", ["lfw"]) if ccfg_file.is_file() else ["lfw"]
+        ctraining: dict[str, str | int | float | bool] = {"steps": cstep}
+        if (run_dir / "cnet_eval.json").is_file():
+            held = json.loads((run_dir / "cnet_eval.json").read_text())
+            ctraining.update({f"heldout_{k}": v for k, v in held.items()})
         cinfo = info.model_copy(update={
-            "description": f"C-Net for the R-Net above ({cstep} steps on LFW image sets, R-Net frozen)",
+            "description": f"C-Net for the R-Net above ({cstep} steps on image sets of "
+                           f"{', '.join(Path(d).name for d in cdata)}, R-Net frozen)",
             "paired_rnet_sha256": cards[0].sha256,
             "provenance": NetworkProvenance(source="trained by facerecon.train (this repository)",
-                                            datasets=_datasets(["lfw"]), training={"steps": cstep}),
+                                            datasets=_datasets(cdata), training=ctraining),
             "licence": _licence(True)[0], "licence_notice": _licence(True)[1], "redistributable": True,
         })
         # the C-Net is tiny (~0.3 MB): float32 always (its exp-scaled confidences magnify float16 rounding)
