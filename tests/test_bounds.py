@@ -325,3 +325,18 @@ def test_allowed_hosts_and_cors_are_settings() -> None:
     with fake_server(FakeReconstructor()) as srv:  # the defaults: any Host, no CORS
         r = httpx.get(f"{srv.url}/healthz", headers={"Host": "anything.example", "Origin": "https://x.example"})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_a_photo_whose_decode_would_not_fit_is_refused_from_its_header() -> None:
+    """A 36 MP PNG would be decoded whole (~144 MB) before it is reduced: 413 at once, before any decode; the
+    limit is a setting."""
+    fake = FakeReconstructor()
+    with fake_server(fake) as srv:
+        r = post_image(srv.url, png_header_only(6000, 6000), timeout=10)
+        assert r.status_code == 413 and error_of(r)["code"] == "image_too_large", r.text
+        assert "JPEG" in error_of(r)["message"] and fake.calls == 0
+        text = httpx.get(f"{srv.url}/metrics").text
+        assert metric_value(text, "facerecon_stage_duration_seconds_count", stage="image") == 0
+    with fake_server(fake, max_decode_bytes=1024 * 1024 * 1024) as srv:  # allowed: decoded (and found corrupt)
+        r = post_image(srv.url, png_header_only(6000, 6000), timeout=30)
+        assert r.status_code == 400 and error_of(r)["code"] == "corrupt_image", r.text

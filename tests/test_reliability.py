@@ -211,10 +211,10 @@ def test_sigterm_lets_in_flight_requests_finish(server: ServerProcess, small_pho
 # -- memory ceiling for the worst inputs (issue #19) -------------------------------------------------------------------
 #: Peak RSS during a request above the idle RSS (after warm-up and one request), whatever the request holds. The
 #: issue's goal is ~200 MB; before admission came first and decoding was bounded, one 115 KB PNG cost ~480 MiB, a set
-#: of 16 such PNGs ~1.7 GB, a refused (503) request 260-526 MiB. Measured now: +140-260 MiB (a 40 MP PNG is decoded
-#: whole by Pillow, 160 MB, before it is reduced; the rest is what earlier requests left in the allocators' arenas),
-#: ~0 for a refusal; the ceiling leaves room for the machine's noise.
-MEMORY_CEILING_MIB = 300.0
+#: of 16 such PNGs ~1.7 GB, a refused (503) request 260-526 MiB. A 40 MP PNG (decoded whole by Pillow, 160 MB, before
+#: it is reduced: +245 MiB) is now refused from its header by max_decode_bytes; the largest decoded PNG is ~22 MP.
+#: The ceiling leaves room for the machine's noise and what earlier requests left in the allocators' arenas.
+MEMORY_CEILING_MIB = 250.0
 
 
 def _png_declaring(width: int, height: int, bit_depth: int, colour_type: int, channels: int) -> bytes:
@@ -259,6 +259,7 @@ def test_memory_ceiling_for_the_worst_inputs(bounded_server: ServerProcess, smal
     srv = bounded_server
     need_shared("data", "deep3d-examples")
     black = _png_declaring(6300, 6300, 8, 2, 3)
+    mid = _png_declaring(3000, 3000, 8, 2, 3)
     cases: list[tuple[str, Any]] = [
         (f"black 6300x6300 PNG ({len(black) // 1024} KB)", lambda: httpx.post(
             f"{srv.url}/v1/reconstruct", files={"image": ("b.png", black, "image/png")}, timeout=200)),
@@ -268,6 +269,12 @@ def test_memory_ceiling_for_the_worst_inputs(bounded_server: ServerProcess, smal
             "image": ("b.png", _png_declaring(6300, 6300, 16, 0, 1), "image/png")}, timeout=200)),
         (f"set of 16 black PNGs ({16 * len(black) // 1024} KB)", lambda: httpx.post(
             f"{srv.url}/v1/reconstruct/set", files=[("images", (f"{i}.png", black, "image/png")) for i in range(16)],
+            timeout=200)),
+        # the largest PNG still decoded under max_decode_bytes (128 MiB): ~22 MP, decoded whole, then reduced
+        ("RGBA 4700x4700 PNG (largest decoded)", lambda: httpx.post(f"{srv.url}/v1/reconstruct", files={
+            "image": ("b.png", _png_declaring(4700, 4700, 8, 6, 4), "image/png")}, timeout=200)),
+        ("set of 16 RGB 3000x3000 PNGs", lambda: httpx.post(
+            f"{srv.url}/v1/reconstruct/set", files=[("images", (f"{i}.png", mid, "image/png")) for i in range(16)],
             timeout=200)),
     ]
     face = _big_face_jpeg()
@@ -283,6 +290,8 @@ def test_memory_ceiling_for_the_worst_inputs(bounded_server: ServerProcess, smal
         r = send()
         rows.append((name, r.status_code, srv.peak_rss_mib() - idle, time.perf_counter() - t0, srv.rss_mib() - idle))
         assert r.status_code < 500, (name, r.text[:300])
+        if "6300" in name:  # a 40 MP PNG would need ~160 MB to decode: refused from its header
+            assert r.status_code == 413 and error_of(r)["code"] == "image_too_large", (name, r.text[:300])
     # a refused request while the one slot is busy (a small photo's reconstruction)
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(_post, srv.url, small_photo)

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         8_000_000, gt=0, description="decoded pixels of a whole set; each photo gets its share (<= the above)")
     decode_memory_bytes: int = Field(
         256 * 1024 * 1024, gt=0, description="memory all decodes in flight may use together; more waits")
+    max_decode_bytes: int = Field(
+        128 * 1024 * 1024, gt=0,
+        description="most memory one photo's decode may need, estimated from its header (PNG, TIFF, WebP, BMP are "
+                    "decoded at full size before they are reduced; JPEG is decoded downscaled by libjpeg); more is "
+                    "refused (413 image_too_large)")
     max_faces: int = Field(16, gt=0, description="most faces reconstructed for faces=all (the largest ones)")
     # Serving.
     host: str = "127.0.0.1"

@@ -47,7 +47,7 @@ from facerecon.api.schemas import (
 from facerecon.api.state import ServiceState
 from facerecon.api.workers import Ticket
 from facerecon.config import Settings
-from facerecon.errors import InputError, TooManyImages
+from facerecon.errors import ImageTooLarge, InputError, TooManyImages
 from facerecon.formats import texture_format_problem
 from facerecon.imaging import DecodedPhoto, ImageProbe, decode_photo, probe_image
 
@@ -309,6 +309,12 @@ async def _decode(state: ServiceState, upload: Upload, deadline: float, timings:
     try:
         with anyio.fail_after(max(0.001, deadline - t0)):
             header = await anyio.to_thread.run_sync(probe, limiter=state.decode_limiter)
+            if header.decode_bytes > s.max_decode_bytes:
+                mib = 1024 * 1024
+                raise ImageTooLarge(
+                    f"decoding this {header.format} of {header.width} x {header.height} would need about "
+                    f"{header.decode_bytes // mib} MiB (limit {s.max_decode_bytes // mib} MiB): only JPEG photos are "
+                    "decoded downscaled; send a JPEG or a smaller image")
             async with state.decode_budget.hold(header.decode_bytes):
                 photo = await anyio.to_thread.run_sync(decode, limiter=state.decode_limiter)
                 if header.scale_factor > 1:  # a full-size image was decoded and dropped: give its pages back
