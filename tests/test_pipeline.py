@@ -142,3 +142,15 @@ def test_cli_textured_obj_loads_with_its_texture(tmp_path: Path) -> None:
     mesh = trimesh.load(folder / "mesh.obj", process=False)
     assert mesh.visual.material.image is not None
     assert mesh.visual.material.image.size == Image.open(folder / "texture.png").size
+
+
+def test_the_mesh_is_decoded_only_when_used(reconstructor) -> None:
+    """The landmarks come from the 68 landmark vertices alone; the 15K-vertex mesh is decoded on first use, once,
+    and its own landmarks agree with them."""
+    image = load_image(need_shared("data", "deep3d-examples") / "000002.jpg")
+    rec = reconstructor.reconstruct(image, refine=False)[0]
+    assert rec._decoded is None and "decode" not in rec.timings
+    d = rec.decoded
+    assert rec.decoded is d and rec.timings["decode"] > 0
+    again = rec.alignment.to_photo(d.landmarks_2d[0].cpu().numpy().astype(np.float64))
+    assert np.abs(again - rec.landmarks_photo).max() < 1e-3

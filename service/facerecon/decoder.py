@@ -55,14 +55,25 @@ class FaceDecoder(nn.Module):
         self.model = model
         self.camera = camera or Camera()
 
+    def _landmark_bases(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The mean shape and the identity / expression bases at the 68 landmark vertices (gathered once per model
+        buffer: gathering 204 columns of the bases is most of what a landmark decode costs)."""
+        m = self.model
+        key = (m.id_basis.data_ptr(), m.exp_basis.data_ptr(), m.mean_shape.data_ptr(), str(m.id_basis.device))
+        cached = getattr(self, "_lm_cache", None)
+        if cached is None or cached[0] != key:
+            lm = m.landmarks68
+            cols = (lm[:, None] * 3 + torch.arange(3, device=lm.device)).reshape(-1)
+            cached = (key, (m.mean_shape[lm], m.id_basis[:, cols].contiguous(), m.exp_basis[:, cols].contiguous()))
+            self._lm_cache = cached
+        return cached[1]
+
     def landmarks(self, coeffs: Coefficients) -> Tensor:
         """Only the 68 landmarks, ``(B, 68, 2)`` crop pixels (y up), decoding just the 68 landmark vertices (cheap;
         for landmark-only fitting and training). Equals ``forward(coeffs).landmarks_2d``."""
-        m = self.model
-        lm = m.landmarks68
-        cols = (lm[:, None] * 3 + torch.arange(3, device=lm.device)).reshape(-1)
-        offsets = coeffs.id @ m.id_basis[:, cols] + coeffs.exp @ m.exp_basis[:, cols]
-        shape = m.mean_shape[lm][None] + offsets.view(-1, 68, 3)
+        mean_lm, id_lm, exp_lm = self._landmark_bases()
+        offsets = coeffs.id @ id_lm + coeffs.exp @ exp_lm
+        shape = mean_lm[None] + offsets.view(-1, 68, 3)
         rot = geometry.euler_to_rotation(coeffs.angle)
         cam = geometry.to_camera(geometry.transform(shape, rot, coeffs.trans), self.camera.distance)
         return geometry.project(cam, self.camera.intrinsics)

@@ -268,15 +268,16 @@ class Reconstructor:
         return Estimate(coeffs, mode, aggregation, timings, errors)
 
     def finish(self, prepared: PreparedFace, estimate: Estimate, index: int = 0) -> Reconstruction:
-        """Decode row ``index`` of ``estimate`` for ``prepared``: the reconstruction with its landmarks in the photo."""
+        """Row ``index`` of ``estimate`` for ``prepared``: the reconstruction with its 68 landmarks reprojected into
+        the photo (only the landmark vertices are decoded here; the mesh is decoded when first used)."""
         timings = {**prepared.timings, **estimate.timings}
         coeffs = estimate.coefficients.index(index)
-        with _timed(timings, "decode"), torch.no_grad():
-            decoded = self.decoder(coeffs)
-        lm_crop = decoded.landmarks_2d[0].cpu().numpy().astype(np.float64)
+        with _timed(timings, "landmarks"), torch.no_grad():
+            lm_crop = self.decoder.landmarks(coeffs)[0].cpu().numpy().astype(np.float64)
         err = float(np.linalg.norm(lm_crop - prepared.lm68_crop, axis=1).mean())
         return Reconstruction(
-            face=prepared.face, alignment=prepared.alignment, crop=prepared.crop, coefficients=coeffs, decoded=decoded,
+            face=prepared.face, alignment=prepared.alignment, crop=prepared.crop, coefficients=coeffs,
+            decoder=self.decoder,
             landmarks_photo=prepared.alignment.to_photo(lm_crop), mode=estimate.mode, landmark_error_px=err,
             timings=timings, photo_size=prepared.photo_size, units=self.model.card.units,
         )

@@ -8,10 +8,13 @@ and its transform) -> :class:`Estimate` (``Reconstructor.estimate``: coefficient
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import torch
 
 from facerecon.align import Alignment
 from facerecon.coefficients import Coefficients
@@ -76,7 +79,8 @@ class Reconstruction:
         alignment: the 224-crop transform (:meth:`Alignment.to_photo` maps crop points back).
         crop: ``(224, 224, 3)`` uint8 RGB aligned crop.
         coefficients: batch of one.
-        decoded: batch of one.
+        decoded: batch of one, decoded on first use (the JSON and landmarks need only the 68 landmark vertices, so
+            a reconstruction that is never exported or drawn never decodes its 15K-vertex mesh).
         landmarks_photo: ``(68, 2)`` float, the reconstruction's 68 landmarks reprojected into the photo (pixels,
             y down, integer = pixel centre).
         mode: ``"rnet"``, ``"rnet+fit"`` or ``"fit"``.
@@ -90,13 +94,24 @@ class Reconstruction:
     alignment: Alignment
     crop: np.ndarray
     coefficients: Coefficients
-    decoded: DecodedFace
+    decoder: Callable[[Coefficients], DecodedFace] = field(repr=False, compare=False)
     landmarks_photo: np.ndarray
     mode: str
     landmark_error_px: float
     timings: dict[str, float] = field(default_factory=dict)
     photo_size: tuple[int, int] = (0, 0)
     units: str = "decimetre"
+    _decoded: DecodedFace | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def decoded(self) -> DecodedFace:
+        """The decoded face (batch of one), computed once on first use (its time lands in ``timings["decode"]``)."""
+        if self._decoded is None:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                self._decoded = self.decoder(self.coefficients)
+            self.timings["decode"] = self.timings.get("decode", 0.0) + (time.perf_counter() - t0) * 1000.0
+        return self._decoded
 
     def pose_degrees(self) -> dict[str, float]:
         """``{"pitch", "yaw", "roll"}`` in degrees (``facerecon.geometry``'s convention: positive yaw turns the
