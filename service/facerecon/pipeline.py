@@ -279,7 +279,7 @@ class Reconstructor:
             face=prepared.face, alignment=prepared.alignment, crop=prepared.crop, coefficients=coeffs,
             decoder=self.decoder,
             landmarks_photo=prepared.alignment.to_photo(lm_crop), mode=estimate.mode, landmark_error_px=err,
-            timings=timings, photo_size=prepared.photo_size, units=self.model.card.units,
+            timings=timings, photo_size=prepared.photo_size, units=self.model.card.units, camera=self.decoder.camera,
         )
 
     def _aggregate(self, per_image: Coefficients, x: np.ndarray, out: dict[str, np.ndarray]

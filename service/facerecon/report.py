@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from facerecon.api.schemas import (
     AlignmentOut,
     CoefficientsOut,
@@ -20,6 +22,7 @@ from facerecon.api.schemas import (
     EncodedFile,
     FaceResult,
     MeshUnits,
+    PhotoCamera,
     Pose,
     ReconstructResponse,
     SetItem,
@@ -31,9 +34,15 @@ __all__ = ["face_result", "reconstruct_response", "set_item"]
 
 
 def face_result(rec: Reconstruction, index: int = 0, *, expression_names: Sequence[str] = (),
-                mesh: EncodedFile | None = None, overlay: EncodedFile | None = None) -> FaceResult:
+                mesh: EncodedFile | None = None, overlay: EncodedFile | None = None,
+                vertices: bool = False) -> FaceResult:
     """One face: coefficients by name, pose, both 68-landmark sets, the detection's confidences, the alignment,
-    timings; ``mesh`` / ``overlay`` when the caller encoded them."""
+    the photo-space camera, timings; ``mesh`` / ``overlay`` when the caller encoded them; every vertex projected
+    into the photo with ``vertices``."""
+    intr, rot, t = rec.photo_camera()
+    camera = PhotoCamera(intrinsics=intr.tolist(), rotation=rot.tolist(), translation=t.tolist(),
+                         width=int(rec.alignment.w0), height=int(rec.alignment.h0))
+    verts = np.round(rec.vertices_photo(), 3).tolist() if vertices else None
     coeffs = rec.coefficients.to_dict()
     names = list(expression_names)
     exp = coeffs["exp"]
@@ -52,6 +61,8 @@ def face_result(rec: Reconstruction, index: int = 0, *, expression_names: Sequen
         alignment=AlignmentOut(**rec.alignment.to_dict()),
         timings_ms={k: round(float(v), 2) for k, v in rec.timings.items()},
         units=MeshUnits.of(rec.units),
+        camera=camera,
+        vertices_photo=verts,
         mesh=mesh,
         overlay=overlay,
     )

@@ -20,6 +20,7 @@ from facerecon.align import Alignment
 from facerecon.coefficients import Coefficients
 from facerecon.decoder import DecodedFace
 from facerecon.detect.face import DetectedFace
+from facerecon.geometry import Camera
 
 __all__ = ["MODES", "Estimate", "Mode", "PreparedFace", "Reconstruction", "SetReconstruction"]
 
@@ -101,7 +102,35 @@ class Reconstruction:
     timings: dict[str, float] = field(default_factory=dict)
     photo_size: tuple[int, int] = (0, 0)
     units: str = "decimetre"
+    camera: Camera = field(default_factory=Camera, repr=False)
     _decoded: DecodedFace | None = field(default=None, repr=False, compare=False)
+
+    def photo_camera(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(K (3, 3), R (3, 3), t (3,))`` mapping the posed mesh (``decoded.vertices_world``, model units) onto the
+        photo in OpenCV's convention (x right, y down, z forward; pixels y down, integer = pixel centre), exactly as
+        ``landmarks_photo`` is mapped (:meth:`Alignment.to_photo`, the reference's inverse crop map).
+
+        The crop camera gives ``u = f x / d + c``, ``v_up = f y / d + c`` with ``d = distance - z``; ``to_photo``
+        is ``X = (u + w/2 - S/2) / sigma + tx - w0/2``, ``Y = (h0 - 1) - ((v_up + h/2 - S/2) / sigma + ty - h0/2)``.
+        Composed, with camera coordinates ``(x, -y, d)``: ``fx = fy = f / sigma``, ``cx = (c + w/2 - S/2) / sigma +
+        tx - w0/2``, ``cy = (h0 - 1) - (c + h/2 - S/2) / sigma - ty + h0/2``; ``R = diag(1, -1, -1)``,
+        ``t = (0, 0, distance)``. (The overlay's pixel-exact resampling map differs by under about a pixel.)
+        """
+        a, cam = self.alignment, self.camera
+        half = a.size / 2.0
+        f = cam.focal / a.sigma
+        cx = (cam.center + a.w / 2 - half) / a.sigma + a.tx - a.w0 / 2
+        cy = (a.h0 - 1) - (cam.center + a.h / 2 - half) / a.sigma - a.ty + a.h0 / 2
+        intr = np.array([[f, 0.0, cx], [0.0, f, cy], [0.0, 0.0, 1.0]])
+        return intr, np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, float(cam.distance)])
+
+    def vertices_photo(self) -> np.ndarray:
+        """``(N, 3)``: every vertex of the posed mesh as (x, y) photo px (y down) and its camera-space depth."""
+        intr, rot, t = self.photo_camera()
+        v = self.decoded.vertices_world[0].detach().cpu().numpy().astype(np.float64)
+        cam = v @ rot.T + t
+        uv = cam @ intr.T
+        return np.concatenate([uv[:, :2] / uv[:, 2:3], cam[:, 2:3]], axis=1)
 
     @property
     def decoded(self) -> DecodedFace:

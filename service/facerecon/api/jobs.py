@@ -72,7 +72,8 @@ def _face_result(rec: ReconstructorLike, r: Reconstruction, index: int, image: n
         mesh = EncodedFile.of(rec.export(r, opts.mesh_format), opts.mesh_format, MEDIA_BY_FORMAT[opts.mesh_format])
     if "overlay" in opts.include:
         overlay = EncodedFile.of(png_bytes(rec.overlay(image, r)), "png", "image/png")
-    return face_result(r, index, expression_names=names, mesh=mesh, overlay=overlay)
+    return face_result(r, index, expression_names=names, mesh=mesh, overlay=overlay,
+                       vertices="vertices" in opts.include)
 
 
 def _scale_headers(photo: DecodedPhoto) -> dict[str, str]:

@@ -33,6 +33,7 @@ __all__ = [
     "MeshFormat",
     "ModelsResponse",
     "OutputFormat",
+    "PhotoCamera",
     "Pose",
     "ReadyResponse",
     "ReconstructOptions",
@@ -46,7 +47,8 @@ __all__ = [
 
 OutputFormat = Literal["obj", "glb", "ply", "json", "png"]
 SetOutputFormat = Literal["json", "obj", "glb", "ply"]
-Include = Literal["mesh", "overlay"]
+Include = Literal["mesh", "overlay", "vertices"]
+SetInclude = Literal["mesh", "overlay"]
 Point2 = Annotated[list[float], Field(min_length=2, max_length=2)]
 
 
@@ -95,7 +97,8 @@ class ReconstructOptions(BaseModel):
         None, description="test-time fitting after R-Net (default: the model's default mode; always on without "
                           "an R-Net)")
     include: list[Include] = Field(
-        default_factory=list, description="JSON only: embed `mesh` and/or `overlay` (base64), e.g. `mesh,overlay`")
+        default_factory=list, description="JSON only: embed `mesh` and/or `overlay` (base64), e.g. `mesh,overlay`; "
+                                          "`vertices`: every mesh vertex projected into the photo (`vertices_photo`)")
     mesh_format: MeshFormat = Field("obj", description="format of a mesh embedded in JSON (`include=mesh`)")
     texture: TextureChoice = Field(
         "none", description="`obj`/`glb` only: a textured mesh, the `photo`'s colours or the fitted `albedo`, in a "
@@ -112,7 +115,7 @@ class SetOptions(BaseModel):
     format: SetOutputFormat | None = Field(
         None, description="`json` (default) or the identity mesh itself as `obj`, `glb` or `ply`; overrides `Accept`")
     refine: bool | None = Field(None, description="test-time fitting after R-Net (see /v1/reconstruct)")
-    include: list[Include] = Field(
+    include: list[SetInclude] = Field(
         default_factory=lambda: ["mesh"],
         description="JSON only: `mesh` (the identity mesh, default) and/or `overlay` (per photo); an empty value "
                     "embeds neither")
@@ -183,6 +186,20 @@ class Pose(BaseModel):
                                     "photo is viewed (its top towards the image's left)")
 
 
+class PhotoCamera(BaseModel):
+    """A pinhole camera that maps the posed mesh (the OBJ/PLY vertices, model units) onto the photo, in OpenCV's
+    convention: ``p_cam = R v + t`` (x right, y down, z forward), ``(u, v, 1) ~ K p_cam`` in photo pixels, x right,
+    y down, integer = pixel centre. ``R = diag(1, -1, -1)`` and ``t = (0, 0, distance)`` for the reference camera
+    (it looks down the model's -z from z = distance); ``K`` folds in the 224 crop's alignment, mapping exactly as
+    `landmarks68` are mapped (the overlay's pixel-exact resampling differs by under about a pixel)."""
+
+    intrinsics: list[list[float]] = Field(description="K, 3 x 3", min_length=3, max_length=3)
+    rotation: list[list[float]] = Field(description="R, 3 x 3 (model to camera)", min_length=3, max_length=3)
+    translation: list[float] = Field(description="t, model units", min_length=3, max_length=3)
+    width: int = Field(description="photo width, px")
+    height: int = Field(description="photo height, px")
+
+
 class AlignmentOut(BaseModel):
     """The 224-pixel crop transform (the reference's `trans_params` and the derived integers)."""
 
@@ -239,6 +256,11 @@ class FaceResult(BaseModel):
     alignment: AlignmentOut
     timings_ms: dict[str, float] = Field(description="pipeline stage -> milliseconds for this face")
     units: MeshUnits = Field(description="length units of `coefficients.trans` and of each mesh format")
+    camera: PhotoCamera = Field(description="projects the posed mesh (OBJ/PLY vertices) onto the photo")
+    vertices_photo: list[list[float]] | None = Field(
+        None, description="when `include=vertices`: every vertex of the posed mesh (OBJ order) as (x, y, depth): "
+                          "photo px (x right, y down, integer = pixel centre) and the camera-space depth along the "
+                          "view axis, model units (smaller = nearer)")
     mesh: EncodedFile | None = Field(None, description="the posed mesh, when `include=mesh`")
     overlay: EncodedFile | None = Field(None, description="this face drawn over the photo (PNG), when "
                                                           "`include=overlay`")
