@@ -348,3 +348,23 @@ def test_every_error_code_the_service_emits_has_its_class_in_the_client() -> Non
             assert issubclass(cls, InvalidInput), code
         else:
             assert issubclass(cls, InternalServiceError), code
+
+
+def test_the_sdk_projects_the_mesh_with_the_photo_camera(url: str, n_vertices: int) -> None:
+    """``Face.camera.project`` (plain Python) puts the OBJ's vertices where ``include=vertices`` says they are, and
+    the model's landmark vertices on ``landmarks68``."""
+    from facerecon.facemodel import FaceModel
+    from tests.conftest import ICT_MODEL
+
+    with FaceReconClient(url, timeout=240) as client:
+        face = client.reconstruct(EXAMPLES / PHOTO, include=("mesh", "vertices"), refine=False).face
+    assert face.camera is not None and face.vertices_photo is not None and face.mesh is not None
+    verts = [tuple(float(t) for t in line.split()[1:4]) for line in face.mesh.decode().splitlines()
+             if line.startswith("v ")]
+    assert len(verts) == n_vertices == len(face.vertices_photo)
+    lm_idx = FaceModel.from_file(ICT_MODEL).landmarks68.tolist()
+    projected = face.camera.project([verts[i] for i in lm_idx])
+    assert max(abs(p[0] - q[0]) + abs(p[1] - q[1]) for p, q in zip(projected, face.landmarks68, strict=True)) < 0.1
+    some = face.camera.project(verts[::500])
+    given = face.vertices_photo[::500]
+    assert max(abs(p[0] - q[0]) + abs(p[1] - q[1]) for p, q in zip(some, given, strict=True)) < 0.1

@@ -45,7 +45,8 @@ Texture = Literal["none", "photo", "albedo"]
 #: What a set does with a photo without a face: ``fail`` the whole set (the service's default) or ``skip`` it.
 OnMissing = Literal["fail", "skip"]
 Faces = Literal["largest", "all"]
-Include = Literal["mesh", "overlay"]
+Include = Literal["mesh", "overlay", "vertices"]
+SetInclude = Literal["mesh", "overlay"]
 
 T = TypeVar("T")
 
@@ -195,7 +196,7 @@ class _Core:
         return _Call("POST", "/v1/reconstruct", self._image, data=data, files=[("image", _read_image(image))],
                      headers={"Accept": "image/png"})
 
-    def reconstruct_set(self, images: Sequence[ImageInput], *, refine: bool | None, include: Iterable[Include],
+    def reconstruct_set(self, images: Sequence[ImageInput], *, refine: bool | None, include: Iterable[SetInclude],
                         mesh_format: MeshFormat, on_missing: OnMissing = "fail") -> _Call[SetReconstruction]:
         data = _with_refine({"format": "json", "include": ",".join(include), "mesh_format": mesh_format,
                              "on_missing": on_missing}, refine)
@@ -351,7 +352,7 @@ class FaceReconClient:
         return self._send(self._core.overlay(image, faces=faces, refine=refine))
 
     def reconstruct_set(self, images: Sequence[ImageInput], *, refine: bool | None = None,
-                        include: Iterable[Include] = ("mesh",), mesh_format: MeshFormat = "obj",
+                        include: Iterable[SetInclude] = ("mesh",), mesh_format: MeshFormat = "obj",
                         on_missing: OnMissing = "fail") -> SetReconstruction:
         """One identity from several photos of one person, with per-photo pose, expression and lighting.
         ``on_missing="skip"``: a photo without a face is left out (its position in ``skipped``; each item's
@@ -446,7 +447,7 @@ class AsyncFaceReconClient:
         return await self._send(self._core.overlay(image, faces=faces, refine=refine))
 
     async def reconstruct_set(self, images: Sequence[ImageInput], *, refine: bool | None = None,
-                              include: Iterable[Include] = ("mesh",), mesh_format: MeshFormat = "obj",
+                              include: Iterable[SetInclude] = ("mesh",), mesh_format: MeshFormat = "obj",
                               on_missing: OnMissing = "fail") -> SetReconstruction:
         return await self._send(self._core.reconstruct_set(images, refine=refine, include=include,
                                                            mesh_format=mesh_format, on_missing=on_missing))

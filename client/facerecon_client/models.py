@@ -19,6 +19,7 @@ __all__ = [
     "ImageResult",
     "MeshResult",
     "ModelInfo",
+    "PhotoCamera",
     "Pose",
     "Reconstruction",
     "SetItem",
@@ -76,6 +77,27 @@ class Alignment(_Model):
     trans_params: list[float]
 
 
+class PhotoCamera(_Model):
+    """Maps the posed mesh (OBJ/PLY vertices) onto the photo, OpenCV's convention: ``(u, v, 1) ~ K (R v + t)``,
+    photo px, x right, y down, integer = pixel centre (as ``landmarks68`` are mapped)."""
+
+    intrinsics: list[list[float]] = Field(description="K, 3 x 3")
+    rotation: list[list[float]] = Field(description="R, 3 x 3")
+    translation: list[float] = Field(description="t, model units")
+    width: int
+    height: int
+
+    def project(self, vertices: Any) -> list[tuple[float, float]]:
+        """``(N, 3)`` mesh vertices (any nested sequence) -> N photo points ``(x, y)`` (plain Python, no numpy)."""
+        k, r, t = self.intrinsics, self.rotation, self.translation
+        out = []
+        for v in vertices:
+            c = [sum(r[i][j] * float(v[j]) for j in range(3)) + t[i] for i in range(3)]
+            p = [sum(k[i][j] * c[j] for j in range(3)) for i in range(3)]
+            out.append((p[0] / p[2], p[1] / p[2]))
+        return out
+
+
 class Face(_Model):
     """One reconstructed face of a photo."""
 
@@ -90,6 +112,9 @@ class Face(_Model):
     detected_landmarks68: list[tuple[float, float]]
     landmark_error_crop_px: float
     alignment: Alignment
+    camera: PhotoCamera | None = Field(None, description="projects the posed mesh onto the photo")
+    vertices_photo: list[tuple[float, float, float]] | None = Field(
+        None, description="every mesh vertex as photo (x, y) and camera depth, when asked for (include vertices)")
     timings_ms: dict[str, float] = Field(default_factory=dict)
     mesh: bytes | None = Field(None, description="the mesh file, when asked for (include mesh)")
     mesh_format: str | None = None
