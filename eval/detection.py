@@ -12,8 +12,8 @@ Printed (every figure on real photos with independent, manual ground truth; noth
    normalised by sqrt(w h) of the annotated box, for 68 points and the inner 51 (300-W's jaw follows the visible
    contour, a 3D-aware mesh's does not), split by the yaw a template fit gives the annotation.
 3. **CFP profiles, visible side**: the error of the 5 fiducials with a clear iBUG counterpart (outer and inner
-   eye corner, nose tip, mouth corner, chin; :data:`CFP_TO_IBUG_RIGHT`), normalised by sqrt(w h) of the 30
-   fiducials' box; and the yaw the detector's pose estimate gives them.
+   eye corner, nose tip, mouth corner, chin; :func:`facerecon.train.data.cfp_to_ibug`), normalised by sqrt(w h) of
+   the 30 fiducials' box; and the yaw the detector's pose estimate gives them.
 4. **alignment**: the share of CFP photos whose 30 fiducials (ear to chin on the visible side) all fall inside the
    224 crop, for the reference alignment and the turned-face alignment.
 """
@@ -33,13 +33,9 @@ from tqdm import tqdm
 from eval import facedata
 from facerecon.detect import DetectedFace, FaceDetector
 
-# CFP's 30-point scheme (see shared/data/faces-train/README.md) -> iBUG 68, for the visible side, checked on
-# overlays of frontal and profile photos (eval.detection --show-cfp writes one): 12 = outer eye corner, 15 = inner
-# eye corner, 21 = nose tip (most protruding point of the nose line 18-24), 25 = mouth corner, 8 = chin (end of
-# the ear-to-chin contour). For a face looking towards the image's right, the visible side is the subject's right
-# (iBUG's image-left indices); mirrored otherwise.
-CFP_TO_IBUG_RIGHT = {12: 36, 15: 39, 21: 30, 25: 48, 8: 8}
-CFP_TO_IBUG_LEFT = {12: 45, 15: 42, 21: 30, 25: 54, 8: 8}
+# CFP -> iBUG for the visible side: one definition, shared with training's profile targets
+from facerecon.train.data import cfp_to_ibug
+
 YAW_BINS = ((0, 15), (15, 30), (30, 45), (45, 90))
 
 NO_FACE_SKIMAGE = (
@@ -121,8 +117,7 @@ def cfp_visible_error(items: list[facedata.Annotated], faces: list) -> dict[str,
     for a, f in zip(items, faces, strict=True):
         if f is None:
             continue
-        faces_right = a.points[21, 0] > a.points[0, 0]
-        table = CFP_TO_IBUG_RIGHT if faces_right else CFP_TO_IBUG_LEFT
+        table = cfp_to_ibug(a.points)
         src, dst = list(table), list(table.values())
         errs.append(np.linalg.norm(f.lm68[dst] - a.points[src], axis=1).mean() / a.box_norm)
         if f.pose is not None:

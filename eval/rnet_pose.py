@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from eval import facedata
-from eval.detection import CFP_TO_IBUG_LEFT, CFP_TO_IBUG_RIGHT, YAW_BINS
+from eval.detection import YAW_BINS
 from facerecon.config import Settings
 from facerecon.detect.face import make_face
 from facerecon.errors import FaceReconError
 from facerecon.fit import FitConfig
 from facerecon.pipeline import Reconstructor
 from facerecon.results import PreparedFace
-from facerecon.train.data import is_validation_person
+from facerecon.train.data import cfp_to_ibug, is_validation_person
 
 
 def load(path: Path) -> np.ndarray:
@@ -58,6 +59,23 @@ def pick_face(rec: Reconstructor, image: np.ndarray, points: np.ndarray) -> Any:
     c = points.mean(0)
     inside = [f for f in faces if f.box[0] <= c[0] <= f.box[2] and f.box[1] <= c[1] <= f.box[3]]
     return inside[0] if inside else None
+
+
+def reconstructable(rec: Reconstructor, items: list[facedata.Annotated], modes: list[str], fit_limit: int,
+                    desc: str) -> Iterator[tuple[facedata.Annotated, np.ndarray, PreparedFace, list[str]]]:
+    """Each annotated photo whose annotated face is detected and aligned: ``(item, image, prepared, modes to run
+    on it)``; the fitting modes run on an evenly spaced ``fit_limit`` of the items."""
+    fit_every = max(1, math.ceil(len(items) / max(fit_limit, 1)))
+    for k, a in enumerate(tqdm(items, desc=desc, mininterval=10)):
+        image = load(a.path)
+        face = pick_face(rec, image, a.points)
+        if face is None:
+            continue
+        try:
+            prepared = rec.prepare(image, face)
+        except FaceReconError:
+            continue
+        yield a, image, prepared, [m for m in modes if "fit" not in m or k % fit_every == 0]
 
 
 def realign(rec: Reconstructor, image: np.ndarray, prepared: PreparedFace, lm_photo: np.ndarray,
@@ -85,25 +103,17 @@ def afw_helen(rec: Reconstructor, modes: list[str], limit: int | None, fit_limit
     lm3d = rec.model.standard_landmarks68
     rows: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
     times: dict[str, list[float]] = {m: [] for m in modes}
-    fit_every = max(1, math.ceil(len(items) / max(fit_limit, 1)))
-    missed = 0
-    for k, a in enumerate(tqdm(items, desc="afw+helen test", mininterval=10)):
-        image = load(a.path)
-        face = pick_face(rec, image, a.points)
-        if face is None:
-            missed += 1
-            continue
-        prepared = rec.prepare(image, face)
+    done = 0
+    for a, image, prepared, chosen in reconstructable(rec, items, modes, fit_limit, "afw+helen test"):
+        done += 1
         yaw = abs(facedata.template_yaw(a.points, lm3d))
-        for m in modes:
-            if "fit" in m and k % fit_every:
-                continue
+        for m in chosen:
             t0 = time.perf_counter()
             lm, _ = run_mode(rec, image, prepared, m)
             times[m].append((time.perf_counter() - t0) * 1000.0)
             err = np.linalg.norm(lm - a.points, axis=1) / a.box_norm
             rows[m].append((yaw, float(err.mean()), float(err[17:].mean())))
-    out: dict[str, Any] = {"n": len(items), "missed": missed}
+    out: dict[str, Any] = {"n": len(items), "missed": len(items) - done}
     for m, v in rows.items():
         arr = np.asarray(v).reshape(-1, 3)
         table = {}
@@ -121,23 +131,12 @@ def cfp_profiles(rec: Reconstructor, modes: list[str], limit: int | None, fit_li
     items = [a for a in facedata.cfp("profile") if is_validation_person(f"cfp{a.path.parent.parent.name}")]
     items = facedata.every(items, limit)
     res: dict[str, dict[str, list[float]]] = {m: {"err": [], "yaw": []} for m in modes}
-    fit_every = max(1, math.ceil(len(items) / max(fit_limit, 1)))
     found = 0
-    for k, a in enumerate(tqdm(items, desc="cfp profiles", mininterval=10)):
-        image = load(a.path)
-        face = pick_face(rec, image, a.points)
-        if face is None:
-            continue
-        try:
-            prepared = rec.prepare(image, face)
-        except FaceReconError:
-            continue
+    for a, image, prepared, chosen in reconstructable(rec, items, modes, fit_limit, "cfp profiles"):
         found += 1
-        table = CFP_TO_IBUG_RIGHT if a.points[21, 0] > a.points[0, 0] else CFP_TO_IBUG_LEFT
+        table = cfp_to_ibug(a.points)
         src, dst = list(table), list(table.values())
-        for m in modes:
-            if "fit" in m and k % fit_every:
-                continue
+        for m in chosen:
             lm, c = run_mode(rec, image, prepared, m)
             res[m]["err"].append(float(np.linalg.norm(lm[dst] - a.points[src], axis=1).mean() / a.box_norm))
             res[m]["yaw"].append(abs(math.degrees(float(c.angle[0, 1]))))
@@ -175,13 +174,11 @@ def synthetic(rec: Reconstructor, n: int, seed: int = 4242) -> dict[str, Any]:
     lm = (pf.landmarks_2d - tf.landmarks_2d).norm(dim=-1).mean(-1)
     true_yaw = torch.rad2deg(tc.angle[:, 1].abs())
 
-    front = rec.model.face_mask.nonzero().flatten() if rec.model.face_mask.dtype == torch.bool else None
+    front = rec.model.face_mask.nonzero().flatten()
 
     def shape_err(a: Any, b: Any) -> float:
         """Mean vertex distance over the face region after a rigid (Kabsch) alignment, in the model's units."""
-        va, vb = a.vertices_cam, b.vertices_cam
-        if front is not None:
-            va, vb = va[:, front], vb[:, front]
+        va, vb = a.vertices_cam[:, front], b.vertices_cam[:, front]
         va, vb = va - va.mean(1, keepdim=True), vb - vb.mean(1, keepdim=True)
         u, _, vt = torch.linalg.svd(va.transpose(1, 2) @ vb)
         d = torch.sign(torch.linalg.det(u @ vt))

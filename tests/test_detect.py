@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 from eval import facedata
-from eval.detection import CFP_TO_IBUG_LEFT, CFP_TO_IBUG_RIGHT, match, no_face_images
+from eval.detection import match, no_face_images
 from facerecon.detect import DetectedFace, FaceDetector, lm68_to_lm5, select_faces
 from facerecon.detect.face import make_face
+from facerecon.train.data import cfp_to_ibug
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 EXAMPLES = SHARED / "data" / "deep3d-examples"
@@ -135,7 +136,7 @@ def test_true_profiles_are_found_and_their_visible_side_placed(detector: FaceDet
         if face is None:
             continue
         found += 1
-        table = CFP_TO_IBUG_RIGHT if a.points[21, 0] > a.points[0, 0] else CFP_TO_IBUG_LEFT
+        table = cfp_to_ibug(a.points)
         errs.append(np.linalg.norm(face.lm68[list(table.values())] - a.points[list(table)], axis=1).mean() / a.box_norm)
         assert face.pose is not None
         yaws.append(abs(face.pose[1]))

@@ -326,8 +326,22 @@ def read_cfp_fiducials(csv_path: Path) -> dict[str, tuple[str, np.ndarray]]:
 
 
 #: CFP's 30-point scheme -> iBUG 68 for the visible side of a face looking towards the image's right (checked on
-#: overlays, see eval/detection.py): outer / inner eye corner, nose tip, mouth corner, chin.
+#: overlays of frontal and profile photos, ``python -m eval.detection --show-cfp``): 12 = outer eye corner, 15 =
+#: inner eye corner, 21 = nose tip (most protruding point of the nose line 18-24), 25 = mouth corner, 8 = chin (end
+#: of the ear-to-chin contour); the visible side is then the subject's right (iBUG's image-left indices).
 CFP_TO_IBUG_RIGHT = {12: 36, 15: 39, 21: 30, 25: 48, 8: 8}
+#: The same for a face looking towards the image's left (the mirrored iBUG indices).
+CFP_TO_IBUG_LEFT = {k: int(MIRROR_68[v]) for k, v in CFP_TO_IBUG_RIGHT.items()}
+
+
+def cfp_looks_right(points30: np.ndarray) -> bool:
+    """Whether a CFP face looks towards the image's right (its nose tip, 21, right of its ear, 0)."""
+    return bool(points30[21, 0] > points30[0, 0])
+
+
+def cfp_to_ibug(points30: np.ndarray) -> dict[int, int]:
+    """The visible side's CFP -> iBUG correspondence of one photo's 30 fiducials."""
+    return CFP_TO_IBUG_RIGHT if cfp_looks_right(points30) else CFP_TO_IBUG_LEFT
 
 
 def apply_profile_fiducials(real: RealSet, fiducials: dict[str, tuple[str, np.ndarray]]) -> int:
@@ -343,8 +357,8 @@ def apply_profile_fiducials(real: RealSet, fiducials: dict[str, tuple[str, np.nd
         if hit is None or hit[0] != "profile" or not np.isfinite(real.params[i]).all():
             continue
         pts = hit[1]
-        looks_right = pts[21, 0] > pts[0, 0]
-        table = CFP_TO_IBUG_RIGHT if looks_right else {k: int(MIRROR_68[v]) for k, v in CFP_TO_IBUG_RIGHT.items()}
+        looks_right = cfp_looks_right(pts)
+        table = cfp_to_ibug(pts)
         al = Alignment.from_params(*real.params[i])
         crop = al.to_crop(pts[list(table)].astype(np.float64))
         real.lm68[i, list(table.values())] = crop.astype(np.float32)

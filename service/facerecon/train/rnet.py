@@ -269,8 +269,9 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
             lm_target = torch.cat([s_lm, r_lm]) if n_real else s_lm
             # per-sample landmark weights: the reference's (nose, inner mouth x 20) times each photo's own (0 where
             # its label source does not know a point)
-            sample_w = torch.cat([torch.ones(n_syn, 68, device=device), r_lw]) if n_real else torch.ones(
-                n_syn, 68, device=device)
+            sample_w = torch.ones(n_syn, 68, device=device)
+            if n_real:
+                sample_w = torch.cat([sample_w, r_lw])
             lm_loss = losses.landmark_loss(lm_pred, lm_target, lm_w[None] * sample_w)
             true = Coefficients.from_vector(s_vec, model.layout)
             sup = supervision_loss(Coefficients.from_vector(vec[:n_syn], model.layout), true)
