@@ -2,12 +2,10 @@
 
 Batched, float32, on whatever device the :class:`~facerecon.facemodel.FaceModel` lives (CPU or CUDA). Follows the
 reference exactly (reference.md sections 3-5); the same code serves every face model, because the layout comes
-from the model's card.
+from the model's card. :class:`~facerecon.npdecode.NumpyDecoder` is the same maths without torch (the R-Net path).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -16,35 +14,9 @@ from facerecon import geometry
 from facerecon.coefficients import Coefficients
 from facerecon.facemodel.model import FaceModel
 from facerecon.geometry import Camera
+from facerecon.npdecode import DecodedFace
 
-
-@dataclass(frozen=True)
-class DecodedFace:
-    """A decoded batch; every tensor ``(B, ...)`` float32 on the model's device.
-
-    Attributes:
-        shape: ``(B, N, 3)`` un-posed model-space vertices (identity + expression), dm.
-        vertices_world: ``(B, N, 3)`` posed ``R v + t``, dm (what the OBJ export writes).
-        vertices_cam: ``(B, N, 3)`` camera space ``(x, y, d)``, d = distance - z (what the renderer takes).
-        normals: ``(B, N, 3)`` un-posed unit vertex normals.
-        normals_world: ``(B, N, 3)`` rotated normals ``R n``.
-        albedo: ``(B, N, 3)`` RGB about [0, 1].
-        colors: ``(B, N, 3)`` SH-lit colour, unclamped.
-        vertices_2d: ``(B, N, 2)`` crop pixels ``(u, v_up)``, y up.
-        landmarks_2d: ``(B, 68, 2)`` crop pixels ``(u, v_up)``, y up.
-        rotation: ``(B, 3, 3)``.
-    """
-
-    shape: Tensor
-    vertices_world: Tensor
-    vertices_cam: Tensor
-    normals: Tensor
-    normals_world: Tensor
-    albedo: Tensor
-    colors: Tensor
-    vertices_2d: Tensor
-    landmarks_2d: Tensor
-    rotation: Tensor
+__all__ = ["DecodedFace", "FaceDecoder"]
 
 
 class FaceDecoder(nn.Module):

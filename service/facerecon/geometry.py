@@ -1,6 +1,7 @@
 """Pure geometry of the reference pipeline: rotation, camera, projection, normals, SH lighting.
 
-Every function here is plain torch over batched tensors, imports no I/O, and follows the conventions of
+Every function here is plain torch over batched tensors (torch imported when one is first called, so the
+camera types serve torch-free paths), imports no I/O, and follows the conventions of
 Deep3DFaceRecon_pytorch (``../shared/docs/reference.md`` sections 1, 3.2, 4 and 5):
 
 * model/world frame: right-handed, x to the viewer's right, y up, z towards the camera; decimetres.
@@ -17,9 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported by the functions that use it: Camera and Intrinsics serve torch-free paths
+    from torch import Tensor
 
 __all__ = [
     "INIT_LIGHT",
@@ -108,6 +112,8 @@ def euler_to_rotation(angles: Tensor) -> Tensor:
     Returns:
         ``(B, 3, 3)``, same dtype/device; apply as ``v' = R @ v`` (or ``v @ R.T`` for row vectors).
     """
+    import torch
+
     if angles.ndim != 2 or angles.shape[-1] != 3:
         raise ValueError(f"angles must be (B, 3), got {tuple(angles.shape)}")
     x, y, z = angles.unbind(-1)
@@ -142,6 +148,8 @@ def to_camera(world: Tensor, distance: float = 10.0) -> Tensor:
     Returns:
         ``(B, N, 3)`` ``(x, y, d)``; a new tensor (the reference mutates in place, we do not).
     """
+    import torch
+
     return torch.cat([world[..., :2], distance - world[..., 2:3]], dim=-1)
 
 
@@ -149,15 +157,19 @@ def project(camera_points: Tensor, intrinsics: Intrinsics) -> Tensor:
     """Perspective projection of camera-space points to the y-up image frame.
 
     Args:
-        camera_points: ``(B, N, 3)`` ``(x, y, d)``, d > 0.
+        camera_points: ``(B, N, 3)`` ``(x, y, d)``, d > 0 (a tensor, or a NumPy array on the torch-free path).
         intrinsics: see :class:`Intrinsics`.
 
     Returns:
-        ``(B, N, 2)`` ``(u, v_up)`` pixels, y up.
+        ``(B, N, 2)`` ``(u, v_up)`` pixels, y up, of the input's type.
     """
     d = camera_points[..., 2:3]
     u = intrinsics.fx * camera_points[..., 0:1] / d + intrinsics.cx
     v = intrinsics.fy * camera_points[..., 1:2] / d + intrinsics.cy
+    if isinstance(camera_points, np.ndarray):
+        return np.concatenate([u, v], axis=-1)
+    import torch
+
     return torch.cat([u, v], dim=-1)
 
 
@@ -173,6 +185,8 @@ def face_normals(vertices: Tensor, triangles: Tensor) -> Tensor:
     Returns:
         ``(B, F, 3)``; degenerate triangles give zero vectors.
     """
+    import torch
+
     vi, vj, vk = (vertices[:, triangles[:, c]] for c in range(3))
     n = torch.linalg.cross(vi - vj, vj - vk, dim=-1)
     return torch.nn.functional.normalize(n, dim=-1, eps=1e-12)
@@ -190,6 +204,8 @@ def vertex_normals(vertices: Tensor, triangles: Tensor, point_buf: Tensor) -> Te
     Returns:
         ``(B, N, 3)`` unit normals.
     """
+    import torch
+
     fn = face_normals(vertices, triangles)
     fn = torch.cat([fn, fn.new_zeros(fn.shape[0], 1, 3)], dim=1)
     vn = fn[:, point_buf].sum(dim=2)
@@ -205,6 +221,8 @@ def sh_basis(normals: Tensor) -> Tensor:
     Returns:
         ``(B, N, 9)``.
     """
+    import torch
+
     a0c0, a1c1, a2c2 = SH_CONSTANTS
     nx, ny, nz = normals.unbind(-1)
     return torch.stack(
@@ -234,6 +252,8 @@ def sh_shading(albedo: Tensor, normals: Tensor, gamma: Tensor, init_light: float
     Returns:
         ``(B, N, 3)`` lit colour, **not** clamped (the reference clamps only on output).
     """
+    import torch
+
     if gamma.shape[-1] != 27:
         raise ValueError(f"gamma must be (B, 27), got {tuple(gamma.shape)}")
     g = gamma.view(-1, 3, 9).clone()

@@ -3,24 +3,24 @@
 ``DetectedFace`` (:mod:`facerecon.detect`) -> :class:`PreparedFace` (``Reconstructor.prepare``: the aligned crop
 and its transform) -> :class:`Estimate` (``Reconstructor.estimate``: coefficients for a batch of prepared faces)
 -> :class:`Reconstruction` (``Reconstructor.finish``: decoded, reprojected). A photo set gives a
-:class:`SetReconstruction`. This module imports no stage, so every stage and every exporter can import it.
+:class:`SetReconstruction`. This module imports no stage, so every stage and every exporter can import it; it
+imports no torch (the R-Net path's coefficients are NumPy arrays and decode with NumPy).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
-import torch
 
 from facerecon.align import Alignment
 from facerecon.coefficients import Coefficients
-from facerecon.decoder import DecodedFace
 from facerecon.detect.face import DetectedFace
 from facerecon.geometry import Camera
+from facerecon.npdecode import DecodedFace
 
 __all__ = ["MODES", "Estimate", "Mode", "PreparedFace", "Reconstruction", "SetReconstruction"]
 
@@ -79,9 +79,14 @@ class Reconstruction:
         face: the detection (box, 5 and 68 landmarks in photo pixels, y down, confidences).
         alignment: the 224-crop transform (:meth:`Alignment.to_photo` maps crop points back).
         crop: ``(224, 224, 3)`` uint8 RGB aligned crop.
-        coefficients: batch of one.
-        decoded: batch of one, decoded on first use (the JSON and landmarks need only the 68 landmark vertices, so
-            a reconstruction that is never exported or drawn never decodes its 15K-vertex mesh).
+        coefficients: batch of one (NumPy arrays on the R-Net path, ``mode="rnet"``; torch tensors after a fit).
+        decoded: the decoded face (batch of one) as torch tensors, decoded on first use (the JSON and landmarks
+            need only the 68 landmark vertices, so a reconstruction that is never exported or drawn never decodes
+            its 15K-vertex mesh); ``decoded_arrays`` the same as NumPy arrays (what the exports write; for NumPy
+            coefficients decoded without torch, and ``decoded`` then shares their memory on the CPU).
+        decoder: coefficients -> torch :class:`DecodedFace` on the model's device.
+        np_decoder: NumPy coefficients -> NumPy :class:`DecodedFace` (the torch-free path), or None.
+        device: the torch decoder's device (``"cpu"``: ``decoded`` wraps ``decoded_arrays`` without a copy).
         landmarks_photo: ``(68, 2)`` float, the reconstruction's 68 landmarks reprojected into the photo (pixels,
             y down, integer = pixel centre).
         mode: ``"rnet"``, ``"rnet+fit"`` or ``"fit"``.
@@ -103,7 +108,10 @@ class Reconstruction:
     photo_size: tuple[int, int] = (0, 0)
     units: str = "decimetre"
     camera: Camera = field(default_factory=Camera, repr=False)
+    np_decoder: Callable[[Coefficients], DecodedFace] | None = field(default=None, repr=False, compare=False)
+    device: str = "cpu"
     _decoded: DecodedFace | None = field(default=None, repr=False, compare=False)
+    _decoded_np: DecodedFace | None = field(default=None, repr=False, compare=False)
 
     def photo_camera(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(K (3, 3), R (3, 3), t (3,))`` mapping the posed mesh (``decoded.vertices_world``, model units) onto the
@@ -127,25 +135,52 @@ class Reconstruction:
     def vertices_photo(self) -> np.ndarray:
         """``(N, 3)``: every vertex of the posed mesh as (x, y) photo px (y down) and its camera-space depth."""
         intr, rot, t = self.photo_camera()
-        v = self.decoded.vertices_world[0].detach().cpu().numpy().astype(np.float64)
+        v = self.decoded_arrays.vertices_world[0].astype(np.float64)
         cam = v @ rot.T + t
         uv = cam @ intr.T
         return np.concatenate([uv[:, :2] / uv[:, 2:3], cam[:, 2:3]], axis=1)
 
     @property
     def decoded(self) -> DecodedFace:
-        """The decoded face (batch of one), computed once on first use (its time lands in ``timings["decode"]``)."""
+        """The decoded face (batch of one) as torch tensors, computed once on first use (its time lands in
+        ``timings["decode"]``); imports torch."""
         if self._decoded is None:
+            import torch
+
+            if self.coefficients.is_numpy and self.np_decoder is not None and self.device == "cpu":
+                arrays = self.decoded_arrays
+                self._decoded = DecodedFace(**{f.name: torch.from_numpy(getattr(arrays, f.name))
+                                               for f in fields(DecodedFace)})
+                return self._decoded
             t0 = time.perf_counter()
+            coeffs = self.coefficients.to(self.device) if self.coefficients.is_numpy else self.coefficients
             with torch.no_grad():
-                self._decoded = self.decoder(self.coefficients)
-            self.timings["decode"] = self.timings.get("decode", 0.0) + (time.perf_counter() - t0) * 1000.0
+                self._decoded = self.decoder(coeffs)
+            self._add_time(t0)
         return self._decoded
+
+    @property
+    def decoded_arrays(self) -> DecodedFace:
+        """The decoded face (batch of one) as NumPy float32 arrays, computed once: without torch for NumPy
+        coefficients (``np_decoder``), else from :attr:`decoded`."""
+        if self._decoded_np is None:
+            if self._decoded is None and self.coefficients.is_numpy and self.np_decoder is not None:
+                t0 = time.perf_counter()
+                self._decoded_np = self.np_decoder(self.coefficients)
+                self._add_time(t0)
+            else:
+                d = self.decoded
+                self._decoded_np = DecodedFace(**{f.name: getattr(d, f.name).detach().cpu().numpy()
+                                                  for f in fields(DecodedFace)})
+        return self._decoded_np
+
+    def _add_time(self, t0: float) -> None:
+        self.timings["decode"] = self.timings.get("decode", 0.0) + (time.perf_counter() - t0) * 1000.0
 
     def pose_degrees(self) -> dict[str, float]:
         """``{"pitch", "yaw", "roll"}`` in degrees (``facerecon.geometry``'s convention: positive yaw turns the
         face towards the image's right)."""
-        pitch, yaw, roll = np.degrees(self.coefficients.angle[0].detach().cpu().numpy()).tolist()
+        pitch, yaw, roll = np.degrees(self.coefficients.numpy().angle[0]).tolist()
         return {"pitch": pitch, "yaw": yaw, "roll": roll}
 
 
