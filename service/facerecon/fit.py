@@ -5,6 +5,7 @@ Fits the coefficients of one photo, or of a set of photos of one person sharing 
 landmark vertices), then a photometric stage through the differentiable renderer (skin-attention L2,1 photometric
 loss + landmark loss + coefficient, albedo-flatness and gamma regularisers, the reference's weights). Starts from
 R-Net's prediction or from the mean face (zero coefficients), which the alignment already places on the photo.
+The optimiser is :class:`facerecon.adam.Adam` (``torch.optim.Adam``'s arithmetic without importing the compiler).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from facerecon import losses
+from facerecon.adam import Adam
 from facerecon.coefficients import Coefficients
 from facerecon.decoder import FaceDecoder
 from facerecon.objective import hybrid_terms, landmark_terms
@@ -119,21 +121,21 @@ def fit(
         err_start = landmark_error(decoder.landmarks(params.coefficients()), target.landmarks)
 
     # Stage 1: landmarks (pose, shape, expression), relative weights as in the total loss.
-    opt = torch.optim.Adam([
+    opt = Adam([
         {"params": [params.angle, params.trans], "lr": cfg.lr_pose},
         {"params": [params.id, params.exp], "lr": cfg.lr_shape},
     ])
     for _ in range(cfg.landmark_steps):
         t = landmark_terms(decoder, params.coefficients(), target.landmarks, lm_w, w)
         loss = t.total(w)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         opt.step()
         history.append({"stage": 1.0, "loss": loss.item(), "landmark": t.landmark.item()})
 
     # Stage 2: photometric through the renderer, everything free.
     if renderer is not None and cfg.photo_steps > 0:
-        opt = torch.optim.Adam([
+        opt = Adam([
             {"params": [params.angle, params.trans], "lr": cfg.lr_pose * 0.3},
             {"params": [params.id, params.exp, params.tex], "lr": cfg.lr_shape},
             {"params": [params.gamma], "lr": cfg.lr_light},
@@ -144,7 +146,7 @@ def fit(
             t = hybrid_terms(decoder, renderer, params.coefficients(), target.image, skin, target.landmarks,
                              region="face_mask", lm_weights=lm_w, w=w)
             loss = t.total(w)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
             history.append({"stage": 2.0, "loss": loss.item(), "photo": t.photo.item(), "landmark": t.landmark.item(),
