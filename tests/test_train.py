@@ -84,10 +84,14 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     models.mkdir(parents=True)
     for f in ("facemodel.npz", "facemodel.json"):
         (models / f).symlink_to(FACE_MODEL.parent / f)
+    for f in ("rnet.onnx", "rnet.json"):  # copies: the export test below writes its own R-Net here
+        shutil.copy(FACE_MODEL.parent / f, models / f)
+    # a quarter of each batch from the 4 photos turned to large yaw (the shipped R-Net fits their sources)
     cfg = RNetConfig(data=[str(photos)], out=str(tmp / "run"), val_data=[], models_dir=str(tmp / "models"),
                      steps=8, batch=4, lr=2e-3, warmup=1, lr_final=1.0, synthetic=8, synthetic_fraction=0.5,
                      photo_per_batch=1, render_size=56, augment=False, val_every=0,
-                     checkpoint_every=4, seed=0, threads=2, device="cpu", progress=False)
+                     checkpoint_every=4, seed=0, threads=2, device="cpu", progress=False,
+                     large_pose=4, large_pose_fraction=0.25, cache_dir=str(tmp / "cache"))
     torch.manual_seed(0)
     ckpt = train_rnet(cfg)
     return {"cfg": cfg, "ckpt": ckpt, "tmp": tmp}
@@ -107,6 +111,11 @@ def test_tiny_training_run_logs_every_term(tiny_run: dict[str, object]) -> None:
     assert len(rows) == 8
     assert all(math.isfinite(float(r["total"])) for r in rows)
     assert float(rows[0]["photo"]) > 0 and float(rows[0]["perceptual"]) > 0
+    assert all(math.isfinite(float(r["lm_px_lp"])) for r in rows)  # the turned photos are in every batch
+    pools = list((Path(tiny_run["tmp"]) / "cache").glob("largepose_*.npz"))  # type: ignore[arg-type]
+    assert len(pools) == 1
+    with np.load(pools[0], allow_pickle=False) as z:
+        assert 1 <= len(z["yaw"]) <= 4 and (np.abs(z["yaw"]) >= 35).all() and (np.abs(z["yaw"]) <= 90).all()
 
 
 def test_resume_continues_the_step_count(tiny_run: dict[str, object]) -> None:

@@ -29,6 +29,8 @@ def _train_rnet(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed, threads=args.threads, device=args.device, cache_dir=str(args.cache_dir or ""),
         max_real=args.max_real, time_limit_s=args.time_limit * 60.0, progress=not args.no_progress,
+        large_pose=args.large_pose, large_pose_fraction=args.large_pose_fraction,
+        init_from=str(args.init_from or ""),
     )
     ckpt = train_rnet(cfg, resume=args.resume)
     print(f"checkpoint: {ckpt}")
@@ -131,6 +133,12 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     r.add_argument("--synthetic-fraction", type=float, default=0.5)
     r.add_argument("--synthetic-yaw", type=float, default=45.0, help="largest synthetic yaw, degrees")
     r.add_argument("--synthetic-only", action="store_true", help="no real photos (commercially clean weights)")
+    r.add_argument("--large-pose", type=int, default=0, metavar="N",
+                   help="turn N training photos to large yaw, 300W-LP style (facerecon.train.large_pose); 0: none")
+    r.add_argument("--large-pose-fraction", type=float, default=0.25,
+                   help="share of every batch taken from the turned photos")
+    r.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
+                   help="start from another run's checkpoint.pt (weights only; new optimiser and schedule)")
     r.add_argument("--photo-per-batch", type=int, default=2, help="real images per batch with photometric loss")
     r.add_argument("--render-size", type=int, default=112, choices=[56, 112, 224])
     r.add_argument("--no-perceptual", action="store_true")

@@ -36,7 +36,10 @@ class RNetConfig:
     ``synthetic_fraction`` of every batch is synthetic; ``photo_per_batch`` real images per batch get the
     photometric + perceptual terms, rendered at ``render_size`` px; ``time_limit_s`` stops (with a checkpoint)
     after that many seconds of this process; held out (never trained on; ``val_max`` of them validate the run):
-    :func:`facerecon.train.data.is_validation_photo`; synthetic poses reach ``synthetic_yaw_deg`` of yaw.
+    :func:`facerecon.train.data.is_validation_photo`; synthetic poses reach ``synthetic_yaw_deg`` of yaw;
+    ``large_pose`` training photos are turned to large yaw (:mod:`facerecon.train.large_pose`) and make up
+    ``large_pose_fraction`` of every batch; ``init_from`` starts the network from another run's checkpoint (its
+    weights only: a new optimiser and schedule).
     """
 
     data: list[str]
@@ -70,6 +73,9 @@ class RNetConfig:
     max_real: int = 0
     time_limit_s: float = 0.0
     progress: bool = True
+    large_pose: int = 0
+    large_pose_fraction: float = 0.25
+    init_from: str = ""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RNetConfig:

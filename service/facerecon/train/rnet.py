@@ -29,14 +29,27 @@ from facerecon.skin import skin_attention
 from facerecon.train import data as D
 from facerecon.train.checkpoints import build_rnet, load_checkpoint, save_checkpoint
 from facerecon.train.config import CHECKPOINT, SUPERVISION_SCALES, RNetConfig, _device, _rng, lr_at
+from facerecon.train.large_pose import (
+    LargePoseConfig,
+    LargePosePool,
+    build_large_pose_pool,
+    large_pose_pool,
+    select_sources,
+)
 
 log = logging.getLogger(__name__)
 
 
-def supervision_loss(pred: Coefficients, true: Coefficients) -> Tensor:
-    """Mean over the six groups of ``mean((pred - true)^2) / scale^2`` (:data:`SUPERVISION_SCALES`)."""
-    terms = [((getattr(pred, k) - getattr(true, k)) ** 2).mean() / s**2 for k, s in SUPERVISION_SCALES.items()]
+def supervision_loss(pred: Coefficients, true: Coefficients, groups: tuple[str, ...] | None = None) -> Tensor:
+    """Mean over the groups (default all six) of ``mean((pred - true)^2) / scale^2`` (:data:`SUPERVISION_SCALES`)."""
+    keys = groups or tuple(SUPERVISION_SCALES)
+    terms = [((getattr(pred, k) - getattr(true, k)) ** 2).mean() / SUPERVISION_SCALES[k] ** 2 for k in keys]
     return torch.stack(terms).mean()
+
+
+#: What a turned real photo's label knows exactly (:mod:`facerecon.train.large_pose`): its albedo and light are the
+#: source fit's, and its translation is the source crop's, not the re-detected crop's.
+LARGE_POSE_GROUPS = ("id", "exp", "angle")
 
 
 @dataclass
@@ -45,6 +58,7 @@ class RunData:
     val: D.RealSet | None
     synthetic: D.SyntheticPool
     synthetic_val: D.SyntheticPool
+    large_pose: LargePosePool | None = None
 
 
 def _holdout_split(real: D.RealSet) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +112,40 @@ def prepare_data(cfg: RNetConfig, decoder: FaceDecoder, renderer: Renderer,
     syn = D.SyntheticConfig(yaw_deg=cfg.synthetic_yaw_deg)
     pool = D.synthetic_pool(decoder, renderer, cfg.synthetic, cfg.seed, cache, cfg=syn)
     pool_val = D.synthetic_pool(decoder, renderer, 200, cfg.seed + 12345, cache, cfg=syn)
-    return RunData(train, val, pool, pool_val)
+    lp = None
+    if cfg.large_pose and cfg.data:
+        lp = turned_photos(cfg, cache, progress)
+    return RunData(train, val, pool, pool_val, lp)
+
+
+def turned_photos(cfg: RNetConfig, cache: Path,
+                  progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None) -> LargePosePool:
+    """``cfg.large_pose`` training photos turned to large yaw (:mod:`facerecon.train.large_pose`), their sources
+    fitted from the R-Net installed in ``cfg.models_dir`` (cached per sources, seed and recipe)."""
+    from facerecon.config import Settings
+    from facerecon.errors import NoFaceFound
+    from facerecon.pipeline import Reconstructor
+
+    sources = select_sources(cfg.data, cfg.large_pose, cfg.seed)
+    lp_cfg = LargePoseConfig()
+
+    def build() -> LargePosePool:
+        rec = Reconstructor(Settings(models_dir=Path(cfg.models_dir), face_model=cfg.face_model))
+        if rec.rnet is None:
+            raise ValueError(f"large-pose synthesis needs an installed R-Net in {cfg.models_dir}")
+        rnet = rec.rnet
+
+        def detect(image: np.ndarray) -> list:
+            try:
+                return rec.detect(image, "largest")
+            except NoFaceFound:
+                return []
+
+        return build_large_pose_pool(sources, rnet=lambda x: rnet.run(x)["coeffs"], decoder=rec.decoder,
+                                     renderer=rec.renderer, detect=detect, seed=cfg.seed, cfg=lp_cfg,
+                                     progress=progress)
+
+    return large_pose_pool([str(e.path) for e in sources], cache, cfg.seed, lp_cfg, build)
 
 
 def _to_tensor_images(x: np.ndarray, device: torch.device) -> Tensor:
@@ -176,6 +223,16 @@ def _synthetic_batch(rd: RunData, n: int, rng: np.random.Generator, device: torc
             torch.from_numpy(pool.lm68[ix]).to(device))
 
 
+def _large_pose_batch(rd: RunData, n: int, rng: np.random.Generator, device: torch.device
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """``n`` turned real photos as the detector cropped them (no augmentation: the labels' pose would change):
+    images ``(n, 3, 224, 224)``, label vectors, landmarks."""
+    assert rd.large_pose is not None
+    ix = rng.integers(0, len(rd.large_pose), size=n)
+    return (_to_tensor_images(rd.large_pose.images[ix], device), torch.from_numpy(rd.large_pose.coeffs[ix]).to(device),
+            torch.from_numpy(rd.large_pose.lm68[ix]).to(device))
+
+
 def _real_batch(rd: RunData, n: int, rng: np.random.Generator, device: torch.device, augment: bool
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``n`` real photos: images ``(n, 3, 224, 224)``, skin attention ``(n, 1, 224, 224)``, landmarks, and the
@@ -192,7 +249,7 @@ def _real_batch(rd: RunData, n: int, rng: np.random.Generator, device: torch.dev
 
 
 _LOSS_COLUMNS = ["step", "seconds", "lr", "total", "landmark", "coef", "gamma", "supervision", "photo",
-                 "perceptual", "reflectance", "lm_px_real", "lm_px_syn"]
+                 "perceptual", "reflectance", "lm_px_real", "lm_px_syn", "lm_px_lp"]
 
 
 def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
@@ -225,6 +282,9 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
         log.info("resumed %s at step %d", ckpt_file, step)
+    elif cfg.init_from:
+        net.load_state_dict(load_checkpoint(Path(cfg.init_from))["model"])
+        log.info("weights from %s (new optimiser, step 0)", cfg.init_from)
     descriptor = None
     use_photo = rd.train is not None and cfg.photo_per_batch > 0 and not cfg.synthetic_only
     if use_photo and cfg.perceptual:
@@ -235,7 +295,9 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
     lm_w = losses.LANDMARK_WEIGHTS.to(device)
     amp = device.type == "cuda"
     n_syn = cfg.batch if (cfg.synthetic_only or rd.train is None) else round(cfg.batch * cfg.synthetic_fraction)
-    n_real = cfg.batch - n_syn
+    n_lp = round(cfg.batch * cfg.large_pose_fraction) if rd.large_pose is not None and n_syn < cfg.batch else 0
+    n_real = cfg.batch - n_syn - n_lp
+    n_sup = n_syn + n_lp  # the supervised rows come first: synthetic, then turned real photos
     n_photo = min(cfg.photo_per_batch, n_real) if use_photo else 0
     loss_csv = out / "losses.csv"
     new_csv = not loss_csv.is_file() or step == 0
@@ -257,6 +319,9 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
             parts, row = [], {}
             s_img, s_vec, s_lm = _synthetic_batch(rd, n_syn, rng, device)
             parts.append(s_img)
+            if n_lp:
+                lp_img, lp_vec, lp_lm = _large_pose_batch(rd, n_lp, rng, device)
+                parts.append(lp_img)
             if n_real:
                 r_img, r_skin, r_lm, r_lw = _real_batch(rd, n_real, rng, device, cfg.augment)
                 parts.append(r_img)
@@ -266,24 +331,29 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
             vec = vec.float()
             c_all = Coefficients.from_vector(vec, model.layout)
             lm_pred = decoder.landmarks(c_all)
-            lm_target = torch.cat([s_lm, r_lm]) if n_real else s_lm
+            lm_target = torch.cat([s_lm, *([lp_lm] if n_lp else []), *([r_lm] if n_real else [])])
             # per-sample landmark weights: the reference's (nose, inner mouth x 20) times each photo's own (0 where
             # its label source does not know a point)
-            sample_w = torch.ones(n_syn, 68, device=device)
+            sample_w = torch.ones(n_sup, 68, device=device)
             if n_real:
                 sample_w = torch.cat([sample_w, r_lw])
             lm_loss = losses.landmark_loss(lm_pred, lm_target, lm_w[None] * sample_w)
             true = Coefficients.from_vector(s_vec, model.layout)
             sup = supervision_loss(Coefficients.from_vector(vec[:n_syn], model.layout), true)
+            if n_lp:
+                # the turned photos' labels: identity, expression and pose (weighted by their share of the rows)
+                lp_sup = supervision_loss(Coefficients.from_vector(vec[n_syn:n_sup], model.layout),
+                                          Coefficients.from_vector(lp_vec, model.layout), LARGE_POSE_GROUPS)
+                sup = (n_syn * sup + n_lp * lp_sup) / n_sup
             total = w.landmark * lm_loss + cfg.coef_supervision * sup
             coef = gam = photo = per = refl = vec.new_zeros(())
             if n_real:
-                c_real = Coefficients.from_vector(vec[n_syn:], model.layout)
+                c_real = Coefficients.from_vector(vec[n_sup:], model.layout)
                 coef = losses.coefficient_loss(c_real.id, c_real.exp, c_real.tex, w)
                 gam = losses.gamma_loss(c_real.gamma)
                 total = total + w.coef * coef + w.gamma * gam
             if n_photo:
-                c_ph = Coefficients.from_vector(vec[n_syn: n_syn + n_photo], model.layout)
+                c_ph = Coefficients.from_vector(vec[n_sup: n_sup + n_photo], model.layout)
                 # the photo subset's rendered terms (the landmark and prior terms are taken over the whole batch
                 # above); the reference R-Net's region: the front-face triangles' coverage
                 pt = hybrid_terms(decoder, renderer, c_ph, r_img[:n_photo], r_skin[:n_photo], r_lm[:n_photo],
@@ -299,8 +369,9 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
             row = {"step": step, "seconds": round(time.perf_counter() - t0, 3), "lr": opt.param_groups[0]["lr"],
                    "total": total.item(), "landmark": lm_loss.item(), "coef": coef.item(), "gamma": gam.item(),
                    "supervision": sup.item(), "photo": photo.item(), "perceptual": per.item(),
-                   "reflectance": refl.item(), "lm_px_real": err[n_syn:].mean().item() if n_real else float("nan"),
-                   "lm_px_syn": err[:n_syn].mean().item()}
+                   "reflectance": refl.item(), "lm_px_real": err[n_sup:].mean().item() if n_real else float("nan"),
+                   "lm_px_syn": err[:n_syn].mean().item(),
+                   "lm_px_lp": err[n_syn:n_sup].mean().item() if n_lp else float("nan")}
             writer.writerow([f"{row[k]:.6g}" if isinstance(row[k], float) else row[k] for k in _LOSS_COLUMNS])
             fh.flush()
             if pbar is not None:
