@@ -241,3 +241,28 @@ def test_profile_fiducials_replace_the_visible_side_and_mute_the_hidden_one() ->
     _, _, _, w2 = D.augment(torch.zeros(4, 3, 224, 224), torch.zeros(4, 1, 224, 224), lm, np.random.default_rng(0),
                             flip=1.0, lm_weight=w)
     assert (w2[:, 36] == 0).all() and (w2[:, 45] == 1).all()
+
+
+def test_shipped_rnet_onnx_loads_back_into_torch_for_training() -> None:
+    """Training continues from the shipped weights on a machine without the run's checkpoint: the fp16 ONNX file's
+    weights go back into the torch network, which then reproduces the service's own runtime (OnnxNet) on real
+    crops; the freshly built network (pretrained trunk, zero heads) does not."""
+    from facerecon.nets.rnet import ReconNet
+    from facerecon.nets.runtime import OnnxNet
+    from facerecon.train.checkpoints import load_rnet_onnx_weights
+
+    onnx_path = FACE_MODEL.parent / "rnet.onnx"
+    card = OnnxNet.for_face_model(FACE_MODEL, "rnet", device="cpu")
+    layout = card.card.layout
+    net = ReconNet(layout, backbone="facemesh", trunk_size=192).eval()
+    crops = np.stack([np.asarray(Image.open(p).convert("RGB").resize((224, 224)))
+                      for p in sorted(EXAMPLES.glob("*.jpg"))[:3]])
+    x = crops.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    ref = card.run(x)["coeffs"]
+    with torch.no_grad():
+        fresh = net(torch.from_numpy(x)).numpy()
+    assert np.abs(fresh - ref).max() > 0.1
+    load_rnet_onnx_weights(net, onnx_path)
+    with torch.no_grad():
+        out = net.eval()(torch.from_numpy(x)).numpy()
+    assert np.abs(out - ref).max() < 1e-2 * max(1.0, float(np.abs(ref).max()))

@@ -137,8 +137,9 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
                    help="turn N training photos to large yaw, 300W-LP style (facerecon.train.large_pose); 0: none")
     r.add_argument("--large-pose-fraction", type=float, default=0.25,
                    help="share of every batch taken from the turned photos")
-    r.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
-                   help="start from another run's checkpoint.pt (weights only; new optimiser and schedule)")
+    r.add_argument("--init-from", type=Path, default=None, metavar="WEIGHTS",
+                   help="start from a shipped rnet.onnx (e.g. models/ict/rnet.onnx: training continues from the "
+                        "shipped weights) or another run's checkpoint.pt; weights only, new optimiser and schedule")
     r.add_argument("--photo-per-batch", type=int, default=2, help="real images per batch with photometric loss")
     r.add_argument("--render-size", type=int, default=112, choices=[56, 112, 224])
     r.add_argument("--no-perceptual", action="store_true")

@@ -54,3 +54,62 @@ def load_cnet(run_dir: Path, feature_dim: int, layout: CoefficientLayout) -> tup
     net = ConfidenceNet(layout, feature_dim)
     net.load_state_dict(state["model"])
     return net.eval(), int(state["step"])
+
+
+@torch.no_grad()
+def load_rnet_onnx_weights(net: ReconNet, onnx_path: Path, *, check: bool = True) -> None:
+    """Load an exported R-Net's weights (``models/<name>/rnet.onnx``, fp16 or fp32) into ``net``, so that training
+    continues from the shipped network on a machine without the run's checkpoint.
+
+    The exporter keeps the parameter names (``net.<state-dict key>``, ``__fp16`` appended where stored in half
+    precision), except the PReLU slopes, which it folds into
+    the ``Mul`` of ``relu(x) + slope * min(x, 0)`` under generated names: those are matched in execution order
+    (the order of the graph's nodes, which is the order of the trunk's nodes and then the projection's). With
+    ``check``, the loaded network must reproduce the ONNX file's outputs on a random batch (within fp16 rounding),
+    else ValueError.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    state = net.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for key in state:
+        for name in (f"net.{key}", f"net.{key}__fp16"):  # the fp16 file keeps large weights as <name>__fp16
+            if name in values:
+                loaded[key] = torch.from_numpy(values[name].astype(np.float32))
+    slopes = [k for k in state if k not in loaded]
+
+    def order(key: str) -> tuple[int, int]:  # trunk slopes p_slope_<node index> first, then the projection's
+        tail = key.rsplit("_", 1)[-1]
+        return (0, int(tail)) if "p_slope_" in key else (1, 0)
+
+    slopes.sort(key=order)
+    cast = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}  # fp16 files cast on use
+    used: list[str] = []
+    for node in graph.node:
+        if node.op_type == "Mul":
+            ins = [cast.get(n, n) for n in node.input]
+            used += [n for n in ins if n in values and not n.startswith("net.") and n not in used]
+    if len(used) != len(slopes):
+        raise ValueError(f"{onnx_path}: {len(slopes)} PReLU slopes in the network, {len(used)} in the file")
+    for key, name in zip(slopes, used, strict=True):
+        v = torch.from_numpy(values[name].astype(np.float32)).reshape(state[key].shape)
+        loaded[key] = v
+    state.update(loaded)
+    net.load_state_dict(state)
+    if check:
+        import onnxruntime as ort
+
+        x = np.random.default_rng(0).random((2, 3, 224, 224), dtype=np.float32)
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        ref = sess.run(["coeffs"], {sess.get_inputs()[0].name: x})[0]
+        was = net.training
+        out = net.eval()(torch.from_numpy(x)).numpy()
+        net.train(was)
+        err = float(np.abs(out - ref).max())
+        if err > 2e-2 * max(1.0, float(np.abs(ref).max())):
+            raise ValueError(f"{onnx_path}: the loaded weights differ from the file's network by {err:.3g}")
+        log.info("R-Net weights from %s (max difference to onnxruntime %.2g)", onnx_path, err)

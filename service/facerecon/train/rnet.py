@@ -27,7 +27,7 @@ from facerecon.render import get_renderer
 from facerecon.render.base import Renderer
 from facerecon.skin import skin_attention
 from facerecon.train import data as D
-from facerecon.train.checkpoints import build_rnet, load_checkpoint, save_checkpoint
+from facerecon.train.checkpoints import build_rnet, load_checkpoint, load_rnet_onnx_weights, save_checkpoint
 from facerecon.train.config import CHECKPOINT, SUPERVISION_SCALES, RNetConfig, _device, _rng, lr_at
 from facerecon.train.large_pose import (
     LargePoseConfig,
@@ -283,7 +283,11 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
         step = int(state["step"])
         log.info("resumed %s at step %d", ckpt_file, step)
     elif cfg.init_from:
-        net.load_state_dict(load_checkpoint(Path(cfg.init_from))["model"])
+        # the shipped network (models/<name>/rnet.onnx) or another run's checkpoint.pt; a new optimiser, step 0
+        if cfg.init_from.endswith(".onnx"):
+            load_rnet_onnx_weights(net, Path(cfg.init_from))
+        else:
+            net.load_state_dict(load_checkpoint(Path(cfg.init_from))["model"])
         log.info("weights from %s (new optimiser, step 0)", cfg.init_from)
     descriptor = None
     use_photo = rd.train is not None and cfg.photo_per_batch > 0 and not cfg.synthetic_only
