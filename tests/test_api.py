@@ -140,6 +140,12 @@ class FakeReconstructor:
     def overlay(self, image: np.ndarray, rec: Any) -> np.ndarray:
         return image
 
+    def maps(self, rec: Any) -> Any:
+        raise NotImplementedError
+
+    def map_pngs(self, recs: Any, kinds: Any = ("depth", "normals")) -> dict[str, bytes]:
+        return {k: SMALL_PNG for k in kinds}
+
     def reconstruct_set(self, images: Any, *, refine: bool | None = None, checkpoint: Any = None,
                         on_missing: str = "fail") -> Any:
         raise NoFaceFound("the fake sees no faces in sets")

@@ -8,6 +8,7 @@ import io
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -368,3 +369,52 @@ def test_the_sdk_projects_the_mesh_with_the_photo_camera(url: str, n_vertices: i
     some = face.camera.project(verts[::500])
     given = face.vertices_photo[::500]
     assert max(abs(p[0] - q[0]) + abs(p[1] - q[1]) for p, q in zip(some, given, strict=True)) < 0.1
+
+
+def test_the_sdk_gets_the_depth_and_normal_maps(url: str) -> None:
+    """Sync and async: the per-face arrays (``include=depth,normals``: ``DenseMap.array()`` / ``metres()``) and the
+    photo-sized PNGs (``map()``), which hold the same values; the depth at the projected landmark vertices is their
+    camera depth."""
+    import numpy as np
+    from PIL import Image
+
+    from facerecon.facemodel import FaceModel
+    from tests.conftest import ICT_MODEL
+
+    with FaceReconClient(url, timeout=240) as client:
+        face = client.reconstruct(EXAMPLES / PHOTO, include=("mesh", "depth", "normals"), refine=False).face
+        depth_png = client.map(EXAMPLES / PHOTO, "depth", refine=False)
+
+    async def go() -> tuple[Any, Any]:
+        async with AsyncFaceReconClient(url, timeout=240) as client:
+            f = (await client.reconstruct(EXAMPLES / PHOTO, include=("depth",), refine=False)).face
+            return f, await client.map(EXAMPLES / PHOTO, "normals", refine=False)
+
+    async_face, normals_png = asyncio.run(go())
+    assert face.depth is not None and face.normals is not None and face.camera is not None and face.mesh is not None
+    assert async_face.depth is not None and async_face.normals is None
+    d = face.depth.array()
+    assert d.dtype == np.uint16 and d.shape == (face.depth.height, face.depth.width)
+    assert np.array_equal(async_face.depth.array(), d)
+    n = face.normals.array()
+    assert n.dtype == np.float16 and n.shape == (*d.shape, 3)
+    assert depth_png.depth_scale == 10000 == face.depth.scale
+    with Image.open(io.BytesIO(depth_png.data)) as im:
+        full = np.array(im).astype(np.int64)
+    x0, y0 = face.depth.x0, face.depth.y0
+    assert np.array_equal(full[y0:y0 + d.shape[0], x0:x0 + d.shape[1]], d)
+    with Image.open(io.BytesIO(normals_png.data)) as im:
+        rgb = np.array(im)[y0:y0 + d.shape[0], x0:x0 + d.shape[1]].astype(np.float64)
+    on = d > 0
+    assert np.abs(rgb[on] / 127.5 - 1 - n[on]).max() < 0.01
+    verts = [tuple(float(t) for t in line.split()[1:4]) for line in face.mesh.decode().splitlines()
+             if line.startswith("v ")]
+    lm = FaceModel.from_file(ICT_MODEL).landmarks68.tolist()[17:]
+    cam = face.camera
+    metres = face.depth.metres()
+    close = 0
+    for i in lm:
+        x, y = cam.project([verts[i]])[0]
+        c = [sum(cam.rotation[r][j] * verts[i][j] for j in range(3)) + cam.translation[r] for r in range(3)]
+        close += abs(metres[round(y) - y0, round(x) - x0] - c[2] * 0.1) < 0.002
+    assert close >= 0.9 * len(lm)

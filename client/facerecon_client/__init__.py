@@ -5,6 +5,7 @@ from facerecon_client.client import (
     AsyncFaceReconClient,
     FaceReconClient,
     ImageInput,
+    MapKind,
     OnMissing,
     RetryPolicy,
     Texture,
@@ -39,6 +40,7 @@ from facerecon_client.errors import (
 )
 from facerecon_client.models import (
     Coefficients,
+    DenseMap,
     Face,
     ImageResult,
     MeshResult,
@@ -58,6 +60,7 @@ __all__ = [
     "ClientClosedRequest",
     "Coefficients",
     "CorruptImage",
+    "DenseMap",
     "ExportNotSupported",
     "Face",
     "FaceReconClient",
@@ -68,6 +71,7 @@ __all__ = [
     "InternalServiceError",
     "InvalidInput",
     "MalformedRequest",
+    "MapKind",
     "MeshResult",
     "ModelInfo",
     "NoFaceFound",

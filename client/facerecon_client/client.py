@@ -35,7 +35,7 @@ from facerecon_client.models import (
     SetReconstruction,
 )
 
-__all__ = ["AsyncFaceReconClient", "FaceReconClient", "ImageInput", "OnMissing", "RetryPolicy", "Texture"]
+__all__ = ["AsyncFaceReconClient", "FaceReconClient", "ImageInput", "MapKind", "OnMissing", "RetryPolicy", "Texture"]
 
 #: A photo: its bytes, a path, or a binary file object.
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike[str], IO[bytes]]  # noqa: UP007
@@ -45,7 +45,9 @@ Texture = Literal["none", "photo", "albedo"]
 #: What a set does with a photo without a face: ``fail`` the whole set (the service's default) or ``skip`` it.
 OnMissing = Literal["fail", "skip"]
 Faces = Literal["largest", "all"]
-Include = Literal["mesh", "overlay", "vertices"]
+Include = Literal["mesh", "overlay", "vertices", "depth", "normals"]
+#: A per-pixel map of the photo: ``depth`` (16-bit grey PNG) or ``normals`` (RGB PNG).
+MapKind = Literal["depth", "normals"]
 SetInclude = Literal["mesh", "overlay"]
 
 T = TypeVar("T")
@@ -191,8 +193,9 @@ class _Core:
         return _Call("POST", "/v1/reconstruct", lambda r: self._mesh(r, format, texture), data=data,
                      files=[("image", _read_image(image))], headers={"Accept": accept})
 
-    def overlay(self, image: ImageInput, *, faces: Faces, refine: bool | None) -> _Call[ImageResult]:
-        data = _with_refine({"format": "png", "faces": faces}, refine)
+    def overlay(self, image: ImageInput, *, faces: Faces, refine: bool | None, fmt: str = "png"
+                ) -> _Call[ImageResult]:
+        data = _with_refine({"format": fmt, "faces": faces}, refine)
         return _Call("POST", "/v1/reconstruct", self._image, data=data, files=[("image", _read_image(image))],
                      headers={"Accept": "image/png"})
 
@@ -240,6 +243,7 @@ class _Core:
             data=r.content, media_type=r.headers.get("content-type", "image/png"),
             face_count=_int_header(r, "x-face-count") or 1, mode=r.headers.get("x-reconstruction-mode"),
             server_timing=_server_timing(r.headers.get("server-timing")),
+            depth_scale=float(r.headers["x-depth-scale"]) if "x-depth-scale" in r.headers else None,
         )
 
 
@@ -335,8 +339,9 @@ class FaceReconClient:
 
     def reconstruct(self, image: ImageInput, *, faces: Faces = "largest", refine: bool | None = None,
                     include: Iterable[Include] = ("mesh",), mesh_format: MeshFormat = "obj") -> Reconstruction:
-        """Reconstruct one photo: coefficients by name, landmarks, pose, and (``include``) the mesh bytes and the
-        overlay PNG bytes on each face."""
+        """Reconstruct one photo: coefficients by name, landmarks, pose, the photo camera, and (``include``) the
+        mesh bytes and the overlay PNG bytes, ``vertices`` (every vertex in photo px), ``depth`` and ``normals``
+        (each face's maps as :class:`DenseMap` arrays) on each face."""
         return self._send(self._core.reconstruct(image, faces=faces, refine=refine, include=include,
                                                  mesh_format=mesh_format))
 
@@ -350,6 +355,14 @@ class FaceReconClient:
     def overlay(self, image: ImageInput, *, faces: Faces = "largest", refine: bool | None = None) -> ImageResult:
         """The reconstruction drawn over the photo (PNG)."""
         return self._send(self._core.overlay(image, faces=faces, refine=refine))
+
+    def map(self, image: ImageInput, kind: MapKind, *, faces: Faces = "largest", refine: bool | None = None
+            ) -> ImageResult:
+        """The depth map (``kind="depth"``: 16-bit grey PNG, value / ``depth_scale`` (10000) = metres along the
+        camera's view axis, 0 = no surface) or the normal map (``"normals"``: RGB PNG, ``n = value / 127.5 - 1``,
+        camera axes x right, y up, z towards the camera, 0 = no surface) at the photo's size; every face with
+        ``faces="all"``. As arrays per face: ``reconstruct(include=("depth", "normals"))`` (:class:`DenseMap`)."""
+        return self._send(self._core.overlay(image, faces=faces, refine=refine, fmt=kind))
 
     def reconstruct_set(self, images: Sequence[ImageInput], *, refine: bool | None = None,
                         include: Iterable[SetInclude] = ("mesh",), mesh_format: MeshFormat = "obj",
@@ -445,6 +458,10 @@ class AsyncFaceReconClient:
     async def overlay(self, image: ImageInput, *, faces: Faces = "largest", refine: bool | None = None
                       ) -> ImageResult:
         return await self._send(self._core.overlay(image, faces=faces, refine=refine))
+
+    async def map(self, image: ImageInput, kind: MapKind, *, faces: Faces = "largest", refine: bool | None = None
+                  ) -> ImageResult:
+        return await self._send(self._core.overlay(image, faces=faces, refine=refine, fmt=kind))
 
     async def reconstruct_set(self, images: Sequence[ImageInput], *, refine: bool | None = None,
                               include: Iterable[SetInclude] = ("mesh",), mesh_format: MeshFormat = "obj",

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 __all__ = [
     "Alignment",
     "Coefficients",
+    "DenseMap",
     "Face",
     "IdentityCoefficients",
     "ImageResult",
@@ -98,6 +99,44 @@ class PhotoCamera(_Model):
         return out
 
 
+class DenseMap(_Model):
+    """One face's depth or normal map over its pixel window of the photo (``include=depth|normals``): element
+    ``[r, c]`` is photo pixel ``(x0 + c, y0 + r)``, sampled at its centre, rendered with the face's ``camera``.
+
+    Depth: ``uint16``, ``value / scale`` (10000) = metres along the camera's view axis (OpenCV camera z), 0 = no
+    surface. Normals: ``float16`` unit ``(x, y, z)`` in camera axes x right, y up, z towards the camera, (0, 0, 0) =
+    no surface."""
+
+    kind: str
+    x0: int
+    y0: int
+    width: int
+    height: int
+    shape: list[int]
+    dtype: str
+    scale: float | None = None
+    data: bytes = Field(description="the raw little-endian array (decoded from base64)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _decode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("data"), str):
+            data = {**data, "data": base64.b64decode(data["data"])}
+        return data
+
+    def array(self) -> Any:
+        """The map as a numpy array of ``shape`` (``uint16`` or ``float16``; needs numpy)."""
+        import numpy as np
+
+        return np.frombuffer(self.data, dtype=np.dtype(self.dtype).newbyteorder("<")).reshape(self.shape)
+
+    def metres(self) -> Any:
+        """A depth map in metres, ``float32``, 0 where there is no surface (needs numpy)."""
+        if self.kind != "depth" or not self.scale:
+            raise ValueError("metres() is for a depth map")
+        return self.array().astype("float32") / self.scale
+
+
 class Face(_Model):
     """One reconstructed face of a photo."""
 
@@ -115,6 +154,8 @@ class Face(_Model):
     camera: PhotoCamera | None = Field(None, description="projects the posed mesh onto the photo")
     vertices_photo: list[tuple[float, float, float]] | None = Field(
         None, description="every mesh vertex as photo (x, y) and camera depth, when asked for (include vertices)")
+    depth: DenseMap | None = Field(None, description="the face's depth map, when asked for (include depth)")
+    normals: DenseMap | None = Field(None, description="the face's normal map, when asked for (include normals)")
     timings_ms: dict[str, float] = Field(default_factory=dict)
     mesh: bytes | None = Field(None, description="the mesh file, when asked for (include mesh)")
     mesh_format: str | None = None
@@ -228,13 +269,14 @@ class MeshResult(_Model):
 
 
 class ImageResult(_Model):
-    """A PNG the service returned (the overlay)."""
+    """A PNG the service returned (the overlay, or a depth or normal map)."""
 
     data: bytes
     media_type: str
     face_count: int = 1
     mode: str | None = None
     server_timing: dict[str, float] = Field(default_factory=dict)
+    depth_scale: float | None = Field(None, description="a depth map's values per metre (10000)")
 
 
 class ModelInfo(_Model):

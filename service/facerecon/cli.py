@@ -183,6 +183,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
         for file, data in rec.export_files(image, r, args.format, args.texture).items():
             (folder / file).write_bytes(data)
         save_png(rec.overlay(image, r), folder / "overlay.png")
+        if args.maps:
+            for kind, png in rec.map_pngs([r]).items():
+                (folder / f"{kind}.png").write_bytes(png)
         (folder / "coefficients.json").write_text(_json.dumps(rec.to_json(r), indent=1))
 
     if args.set:
@@ -249,12 +252,16 @@ RECONSTRUCT_EPILOG = """\
 examples:
   facerecon reconstruct photo.jpg
   facerecon reconstruct shoot/*.jpg --out meshes --format glb --texture photo --faces all
+  facerecon reconstruct photo.jpg --maps
   facerecon reconstruct a.jpg b.jpg c.jpg --set --on-missing skip
 
 output layout (in --out):
   <photo>/mesh.<format>        the face mesh with per-vertex colours
   <photo>/mesh.mtl, texture.png  beside mesh.obj with --texture (a GLB embeds its texture)
   <photo>/overlay.png          the reconstruction drawn over the photo, at the photo's size
+  <photo>/depth.png            with --maps: the depth map, 16-bit grey, value / 10000 = metres, 0 = no surface
+  <photo>/normals.png          with --maps: the normal map, RGB, n = value / 127.5 - 1 (x right, y up, z towards
+                               the camera), 0 = no surface; both at the photo's size, in coefficients.json's camera
   <photo>/coefficients.json    coefficients, pose (degrees), landmarks (photo px), detection, timings: the API's
                                JSON for one face
   <photo>_face<k>/             with --faces all and several faces: one folder per face, 0 = the largest
@@ -326,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--texture", choices=TEXTURE_CHOICES, default="none",
                     help="a UV-textured mesh (obj or glb only): the photo's colours or the fitted albedo; none keeps "
                          "per-vertex colours (default: none)")
+    rc.add_argument("--maps", action="store_true",
+                    help="also write each face's depth.png (16-bit grey, value / 10000 = metres along the view axis) "
+                         "and normals.png (RGB, n = value / 127.5 - 1, camera axes x right, y up, z towards the "
+                         "camera), 0 = no surface, at the photo's size (default: not written)")
     rc.add_argument("--on-missing", choices=ON_MISSING_CHOICES, default=None,
                     help="--set only: a photo without a face fails the whole set, or is skipped and reported "
                          "(default: fail)")

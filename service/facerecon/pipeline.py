@@ -5,7 +5,8 @@ the training data preparation all run these same public stages:
 ``estimate([PreparedFace], mode=...) -> Estimate`` (coefficients for the batch: R-Net, C-Net for a set, fitting),
 ``finish(prepared, estimate, i) -> Reconstruction`` (decoded, reprojected); :meth:`Reconstructor.reconstruct` and
 :meth:`Reconstructor.reconstruct_set` are a few lines over them. Outputs: :meth:`Reconstructor.export_files` (every
-mesh format, textured or not), :meth:`Reconstructor.overlay`, :meth:`Reconstructor.to_json`. Each stage is timed
+mesh format, textured or not), :meth:`Reconstructor.overlay`, :meth:`Reconstructor.map_pngs` (depth and normal
+maps), :meth:`Reconstructor.to_json`. Each stage is timed
 (milliseconds, in ``Reconstruction.timings``).
 
 Modes: with a trained R-Net installed for the face model (``models/<name>/rnet.json``), R-Net predicts and
@@ -37,7 +38,16 @@ from facerecon.config import Settings, get_settings, network_cache_dir, onnx_thr
 from facerecon.decoder import DecodedFace, FaceDecoder
 from facerecon.detect import DetectedFace, FaceDetector, Which, select_faces
 from facerecon.errors import ExportNotSupported, FaceReconError, NoFaceFound, TooManyImages
-from facerecon.export import MeshData, MeshFormat, TextureChoice, TextureKind, export_mesh, textured_glb, textured_obj
+from facerecon.export import (
+    MeshData,
+    MeshFormat,
+    TextureChoice,
+    TextureKind,
+    export_mesh,
+    metres_per_unit,
+    textured_glb,
+    textured_obj,
+)
 from facerecon.facemodel import FaceModel
 from facerecon.facemodel.registry import resolve
 from facerecon.fit import FitConfig, FitResult, FitTarget, fit
@@ -46,6 +56,7 @@ from facerecon.nets.cnet import aggregate_set
 from facerecon.nets.runtime import OnnxNet, check_pair
 from facerecon.render import get_renderer
 from facerecon.render.base import Renderer
+from facerecon.render.maps import FaceMaps, MapKind, composite, depth_png, normals_png, render_maps
 from facerecon.render.overlay import overlay_on_photo
 from facerecon.results import Estimate, Mode, PreparedFace, Reconstruction, SetReconstruction
 from facerecon.skin import REFERENCE_GMM, skin_attention
@@ -471,6 +482,25 @@ class Reconstructor:
                 rec.decoded.colors.clamp(0, 1), rec.alignment.photo_intrinsics(self.decoder.camera),
                 renderer=self.renderer,
             )
+
+    def maps(self, rec: Reconstruction) -> FaceMaps:
+        """The face's depth and normal maps over the photo pixels it covers, rendered with the JSON's photo camera
+        (:mod:`facerecon.render.maps`: depth in model units, normals in camera axes x right, y up, z towards the
+        camera; the overlay's triangles)."""
+        intr, _, _ = rec.photo_camera()
+        with _timed(rec.timings, "maps"), self._lock:
+            return render_maps(rec.decoded.vertices_cam, rec.decoded.normals_world, self.overlay_triangles, intr,
+                               rec.photo_size, self.renderer)
+
+    def map_pngs(self, recs: Sequence[Reconstruction], kinds: Sequence[MapKind] = ("depth", "normals")
+                 ) -> dict[MapKind, bytes]:
+        """``{kind: PNG}``: the depth and/or normal map of every face in ``recs`` over the whole photo (one raster
+        per face for both), the nearest surface winning where faces overlap
+        (:func:`facerecon.render.maps.depth_png` / ``normals_png``)."""
+        maps = composite([self.maps(r) for r in recs], recs[0].photo_size)
+        with _timed(recs[0].timings, "encode_maps"):
+            return {k: depth_png(maps, metres_per_unit(self.model.card.units)) if k == "depth" else normals_png(maps)
+                    for k in kinds}
 
     def to_json(self, rec: Reconstruction, index: int = 0) -> dict[str, Any]:
         """One face as the API's JSON answers it (:func:`facerecon.report.face_result`: coefficients by name, pose,

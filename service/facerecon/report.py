@@ -11,13 +11,16 @@ face's JSON).
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from facerecon.api.schemas import (
     AlignmentOut,
     CoefficientsOut,
+    DenseMap,
     DetectionOut,
     EncodedFile,
     FaceResult,
@@ -30,15 +33,35 @@ from facerecon.api.schemas import (
 from facerecon.coefficients import CoefficientLayout
 from facerecon.results import Reconstruction
 
-__all__ = ["face_result", "reconstruct_response", "set_item"]
+if TYPE_CHECKING:  # the maps' module imports the renderer (torch); the JSON of a face needs neither
+    from facerecon.render.maps import FaceMaps, MapKind
+
+__all__ = ["dense_map", "face_result", "reconstruct_response", "set_item"]
+
+
+def dense_map(maps: FaceMaps, kind: MapKind, metres_per_unit: float) -> DenseMap:
+    """One face's depth (uint16, the depth PNG's encoding) or normals (float16) over its window, as
+    :class:`DenseMap`."""
+    from facerecon.render.maps import DEPTH_SCALE, depth_to_uint16
+
+    if kind == "depth":
+        arr: np.ndarray = depth_to_uint16(maps.depth, metres_per_unit).astype("<u2")
+        dtype, scale = "uint16", DEPTH_SCALE
+    else:
+        arr = maps.normals.astype("<f2")
+        dtype, scale = "float16", None
+    h, w = maps.depth.shape
+    return DenseMap(kind=kind, x0=maps.x0, y0=maps.y0, width=w, height=h, shape=list(arr.shape), dtype=dtype,
+                    scale=scale, data=base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode("ascii"))
 
 
 def face_result(rec: Reconstruction, index: int = 0, *, expression_names: Sequence[str] = (),
                 mesh: EncodedFile | None = None, overlay: EncodedFile | None = None,
-                vertices: bool = False) -> FaceResult:
+                vertices: bool = False, depth: DenseMap | None = None, normals: DenseMap | None = None
+                ) -> FaceResult:
     """One face: coefficients by name, pose, both 68-landmark sets, the detection's confidences, the alignment,
-    the photo-space camera, timings; ``mesh`` / ``overlay`` when the caller encoded them; every vertex projected
-    into the photo with ``vertices``."""
+    the photo-space camera, timings; ``mesh`` / ``overlay`` / ``depth`` / ``normals`` when the caller made them;
+    every vertex projected into the photo with ``vertices``."""
     intr, rot, t = rec.photo_camera()
     camera = PhotoCamera(intrinsics=intr.tolist(), rotation=rot.tolist(), translation=t.tolist(),
                          width=int(rec.alignment.w0), height=int(rec.alignment.h0))
@@ -63,6 +86,8 @@ def face_result(rec: Reconstruction, index: int = 0, *, expression_names: Sequen
         units=MeshUnits.of(rec.units),
         camera=camera,
         vertices_photo=verts,
+        depth=depth,
+        normals=normals,
         mesh=mesh,
         overlay=overlay,
     )

@@ -39,7 +39,8 @@ MAX_FIELDS = 32
 DRAIN_MAX_BYTES = 16 * 1024 * 1024
 DRAIN_MAX_SECONDS = 3.0
 
-MEDIA_BY_FORMAT: dict[str, str] = {**MEDIA_TYPES, "json": "application/json", "png": "image/png"}
+MEDIA_BY_FORMAT: dict[str, str] = {**MEDIA_TYPES, "json": "application/json", "png": "image/png",
+                                   "depth": "image/png", "normals": "image/png"}
 _ACCEPT_ALIASES: dict[str, str] = {
     "model/obj": "obj", "text/plain": "obj", "model/gltf-binary": "glb", "application/ply": "ply",
     "model/ply": "ply", "application/json": "json", "image/png": "png",

@@ -21,10 +21,11 @@ from facerecon.api.schemas import (
     SetOptions,
     SetResponse,
 )
-from facerecon.export import export_mesh
+from facerecon.export import export_mesh, metres_per_unit
 from facerecon.imaging import DecodedPhoto
+from facerecon.render.maps import DEPTH_SCALE
 from facerecon.render.overlay import encode_png
-from facerecon.report import face_result, reconstruct_response, set_item
+from facerecon.report import dense_map, face_result, reconstruct_response, set_item
 from facerecon.results import Reconstruction
 
 if TYPE_CHECKING:  # the state module runs these jobs
@@ -72,8 +73,13 @@ def _face_result(rec: ReconstructorLike, r: Reconstruction, index: int, image: n
         mesh = EncodedFile.of(rec.export(r, opts.mesh_format), opts.mesh_format, MEDIA_BY_FORMAT[opts.mesh_format])
     if "overlay" in opts.include:
         overlay = EncodedFile.of(png_bytes(rec.overlay(image, r)), "png", "image/png")
+    dense: dict[str, Any] = {}
+    if "depth" in opts.include or "normals" in opts.include:
+        maps = rec.maps(r)
+        mpu = metres_per_unit(r.units)
+        dense = {k: dense_map(maps, k, mpu) for k in ("depth", "normals") if k in opts.include}
     return face_result(r, index, expression_names=names, mesh=mesh, overlay=overlay,
-                       vertices="vertices" in opts.include)
+                       vertices="vertices" in opts.include, **dense)
 
 
 def _scale_headers(photo: DecodedPhoto) -> dict[str, str]:
@@ -118,6 +124,11 @@ def reconstruct_job(rec: ReconstructorLike, photo: DecodedPhoto, opts: Reconstru
             body, name = next(iter(files.values())), f"face.{fmt}"
         headers["Content-Disposition"] = f'inline; filename="{name}"'
         timings.update(_merge_face_timings(recs))
+    elif fmt in ("depth", "normals"):
+        body = rec.map_pngs(recs, (fmt,))[fmt]  # type: ignore[index]
+        timings.update(_merge_face_timings(recs))
+        if fmt == "depth":
+            headers["X-Depth-Scale"] = f"{DEPTH_SCALE:g}"
     elif fmt == "png":
         out = image
         for r in recs:

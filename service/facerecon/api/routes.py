@@ -150,17 +150,25 @@ def build_router(settings: Settings) -> APIRouter:
             "Multipart form with one file `image` (JPEG, PNG, WebP, BMP, TIFF, GIF, PPM). The output is chosen by "
             "the `format` field, else by `Accept`; default OBJ. `faces=all` returns every face in JSON and draws "
             "every face in PNG, up to `max_faces` (the largest; `X-Faces-Detected` gives the count found and "
-            "`X-Faces-Limit` is set when some were left out); mesh formats hold the largest face. A photo over "
+            "`X-Faces-Limit` is set when some were left out); mesh formats hold the largest face. `format=depth` "
+            "and `format=normals` answer the depth map (16-bit grey PNG, value / 10000 = metres along the camera's "
+            "view axis, 0 = no surface) and the normal map (RGB PNG, n = value / 127.5 - 1, unit normals in camera "
+            "axes x right, y up, z towards the camera, 0 = no surface) at the photo's size, every face with "
+            "`faces=all` (the nearest surface wins), rendered with each face's `camera`; as arrays in the JSON: "
+            "`include=depth,normals` (`DenseMap`). A photo over "
             "`max_decoded_pixels` is downscaled at decode time: every coordinate is then in the decoded photo's "
             "frame (`photo_size`; `scale` and `X-Photo-Scale` give the factor)."),
         responses={
-            200: {"description": "the mesh, the JSON result or the overlay PNG", "headers": {
+            200: {"description": "the mesh, the JSON result, the overlay PNG or the depth / normal map PNG",
+                  "headers": {
                 **_RESULT_HEADERS,
                 "X-Faces-Detected": {"description": "faces detected, with `faces=all`",
                                      "schema": {"type": "integer"}},
                 "X-Faces-Limit": {"description": "`max_faces`, when more faces were found than returned",
                                   "schema": {"type": "integer"}},
                 "X-Photo-Scale": {"description": "decoded px per uploaded px, when the photo was downscaled",
+                                  "schema": {"type": "number"}},
+                "X-Depth-Scale": {"description": "with `format=depth`: PNG values per metre (10000)",
                                   "schema": {"type": "number"}}},
                   "content": {MEDIA_BY_FORMAT[f]: _BINARY for f in ("obj", "glb", "ply", "png")}},
             **_error_responses(400, 406, 408, 413, 415, 422, 503, 504),

@@ -24,6 +24,7 @@ __all__ = [
     "MESH_FORMATS",
     "AlignmentOut",
     "CoefficientsOut",
+    "DenseMap",
     "EncodedFile",
     "ErrorBody",
     "ErrorResponse",
@@ -45,9 +46,9 @@ __all__ = [
     "SetResponse",
 ]
 
-OutputFormat = Literal["obj", "glb", "ply", "json", "png"]
+OutputFormat = Literal["obj", "glb", "ply", "json", "png", "depth", "normals"]
 SetOutputFormat = Literal["json", "obj", "glb", "ply"]
-Include = Literal["mesh", "overlay", "vertices"]
+Include = Literal["mesh", "overlay", "vertices", "depth", "normals"]
 SetInclude = Literal["mesh", "overlay"]
 Point2 = Annotated[list[float], Field(min_length=2, max_length=2)]
 
@@ -89,7 +90,11 @@ class ReconstructOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: OutputFormat | None = Field(
-        None, description="output: `obj` (default), `glb`, `ply`, `json` or `png` (the overlay); overrides `Accept`")
+        None, description="output: `obj` (default), `glb`, `ply`, `json`, `png` (the overlay), `depth` (the depth "
+                          "map: 16-bit grey PNG, value / 10000 = metres, 0 = no surface) or `normals` (the normal "
+                          "map: RGB PNG, n = value / 127.5 - 1, camera axes x right, y up, z towards the camera; "
+                          "0 = no surface), both of the photo's size; overrides `Accept` (which names only the "
+                          "first five: `image/png` is the overlay)")
     faces: Literal["largest", "all"] = Field(
         "largest", description="`largest` face, or `all` faces (JSON: every face; PNG: every face drawn; mesh "
                                "formats: the largest face's mesh, with `X-Faces-Detected` giving the count)")
@@ -98,7 +103,9 @@ class ReconstructOptions(BaseModel):
                           "an R-Net)")
     include: list[Include] = Field(
         default_factory=list, description="JSON only: embed `mesh` and/or `overlay` (base64), e.g. `mesh,overlay`; "
-                                          "`vertices`: every mesh vertex projected into the photo (`vertices_photo`)")
+                                          "`vertices`: every mesh vertex projected into the photo (`vertices_photo`); "
+                                          "`depth` and/or `normals`: each face's depth / normal map as an array "
+                                          "over its pixel window (`DenseMap`)")
     mesh_format: MeshFormat = Field("obj", description="format of a mesh embedded in JSON (`include=mesh`)")
     texture: TextureChoice = Field(
         "none", description="`obj`/`glb` only: a textured mesh, the `photo`'s colours or the fitted `albedo`, in a "
@@ -234,6 +241,31 @@ class DetectionOut(BaseModel):
                    warnings=face.warnings, pose_estimate=pose)
 
 
+class DenseMap(BaseModel):
+    """A per-pixel map of one face over its pixel window of the photo, as a raw little-endian array in base64:
+    ``numpy.frombuffer(base64.b64decode(data), dtype="<u2" or "<f2").reshape(shape)``. Element ``[r, c]`` is photo
+    pixel ``(x0 + c, y0 + r)`` (x right, y down), sampled at its centre; the pixels outside the window have no
+    surface of this face. Rendered with `camera`: the mesh vertex ``v`` lands on pixel ``round(K (R v + t))``, with
+    the depth ``(R v + t)_z`` (`vertices_photo`). Only the overlay's region is drawn (the face, the eyes and the inner
+    mouth: not the scalp, neck or back of the head); the nearest surface wins."""
+
+    kind: Literal["depth", "normals"]
+    x0: int = Field(description="photo column of the window's first column, px")
+    y0: int = Field(description="photo row of the window's first row, px")
+    width: int = Field(description="window width, px")
+    height: int = Field(description="window height, px")
+    shape: list[int] = Field(description="array shape: (height, width) for depth, (height, width, 3) for normals")
+    dtype: Literal["uint16", "float16"] = Field(
+        description="`uint16` (depth: value / `scale` = metres along the camera's view axis, 0 = no surface) or "
+                    "`float16` (normals: unit (x, y, z), x right, y up, z towards the camera; (0, 0, 0) = no "
+                    "surface; OpenCV's camera frame is (x, -y, -z))")
+    byte_order: Literal["little"] = "little"
+    scale: float | None = Field(None, description="depth values per metre (10000: units of 0.1 mm), as in the "
+                                                  "depth PNG")
+    encoding: Literal["base64"] = "base64"
+    data: str = Field(description="the array's bytes, row-major, base64 (RFC 4648, with padding)")
+
+
 class FaceResult(BaseModel):
     """One reconstructed face."""
 
@@ -261,6 +293,9 @@ class FaceResult(BaseModel):
         None, description="when `include=vertices`: every vertex of the posed mesh (OBJ order) as (x, y, depth): "
                           "photo px (x right, y down, integer = pixel centre) and the camera-space depth along the "
                           "view axis, model units (smaller = nearer)")
+    depth: DenseMap | None = Field(None, description="this face's depth map over its window, when `include=depth`")
+    normals: DenseMap | None = Field(None, description="this face's normal map over its window, when "
+                                                       "`include=normals`")
     mesh: EncodedFile | None = Field(None, description="the posed mesh, when `include=mesh`")
     overlay: EncodedFile | None = Field(None, description="this face drawn over the photo (PNG), when "
                                                           "`include=overlay`")

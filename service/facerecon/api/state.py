@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from facerecon.export import MeshData, MeshFormat, TextureChoice
     from facerecon.formats import OnMissing
     from facerecon.pipeline import Checkpoint
+    from facerecon.render.maps import FaceMaps, MapKind
     from facerecon.results import Reconstruction, SetReconstruction
 
 log = logging.getLogger("facerecon.api")
@@ -61,6 +62,10 @@ class ReconstructorLike(Protocol):
                      texture: TextureChoice = ...) -> dict[str, bytes]: ...
 
     def overlay(self, image: np.ndarray, rec: Reconstruction) -> np.ndarray: ...
+
+    def maps(self, rec: Reconstruction) -> FaceMaps: ...
+
+    def map_pngs(self, recs: Sequence[Reconstruction], kinds: Sequence[MapKind] = ...) -> dict[MapKind, bytes]: ...
 
     def identity_mesh(self, rec: SetReconstruction) -> MeshData: ...
 
