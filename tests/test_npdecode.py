@@ -3,6 +3,9 @@ shipped face model, and NumPy coefficients behave as tensor ones do."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -26,12 +29,37 @@ def test_numpy_coefficients_round_trip_and_convert() -> None:
     v = np.random.default_rng(1).normal(size=(3, lay.total)).astype(np.float32)
     c = Coefficients.from_vector(v, lay)
     assert c.is_numpy and c.layout == lay and c.batch_size == 3
-    assert np.array_equal(c.to_vector(), v)
-    assert np.array_equal(Coefficients.cat([c.index(2), c.index(0)]).to_vector(), v[[2, 0]])
+    assert np.array_equal(np.concatenate(c.arrays(), axis=1), v)
+    assert np.array_equal(np.concatenate(Coefficients.cat([c.index(2), c.index(0)]).arrays(), axis=1), v[[2, 0]])
+    assert Coefficients.cat([c.index(2), c.index(0)]).is_numpy
+    # read as attributes, the groups are torch tensors over the same numbers, as for any coefficients
+    assert isinstance(c.angle, torch.Tensor) and torch.equal(c.to_vector(), torch.from_numpy(v))
     t = c.to("cpu")
     assert not t.is_numpy and torch.equal(t.to_vector(), torch.from_numpy(v))
-    assert np.array_equal(t.numpy().to_vector(), v)
-    assert c.to_dict(1) == t.to_dict(1)
+    assert np.array_equal(np.concatenate(t.numpy().arrays(), axis=1), v) and t.numpy().is_numpy
+    assert c.to_dict(1) == t.to_dict(1) == Coefficients.from_dict(c.to_dict(1)).to_dict(0)
+    with pytest.raises(AttributeError):
+        c.id = t.id  # type: ignore[misc]
+
+
+def test_numpy_coefficients_need_no_torch() -> None:
+    """Made from an array, sliced, read as arrays and as JSON lists, decoded to landmarks and a mesh: torch is
+    never imported (a fresh interpreter)."""
+    code = (
+        "import sys, numpy as np\n"
+        "from facerecon.config import get_settings\n"
+        "from facerecon.facemodel.registry import resolve\n"
+        "from facerecon.facemodel.format import load_face_model\n"
+        "from facerecon.coefficients import Coefficients\n"
+        "from facerecon.npdecode import NumpyDecoder\n"
+        "s = get_settings(); data = load_face_model(resolve(s.models_dir, s.face_model))\n"
+        "c = Coefficients.from_vector(np.zeros((2, data.card.layout.total), np.float32), data.card.layout)\n"
+        "d = NumpyDecoder.from_data(data)\n"
+        "one = c.index(1); one.to_dict(); one.arrays(); d.landmarks(one); m = d.decode(one)\n"
+        "print('torch' in sys.modules, m.vertices_world.shape[1] == data.card.n_vertices)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["False", "True"]
 
 
 def test_numpy_decode_equals_the_torch_decoder(ict_model, ict_decoder) -> None:
@@ -41,6 +69,7 @@ def test_numpy_decode_equals_the_torch_decoder(ict_model, ict_decoder) -> None:
     with torch.no_grad():
         ref = ict_decoder(c.to("cpu"))
         ref_lm = ict_decoder.landmarks(c.to("cpu")).numpy()
+    assert c.is_numpy
     out = nd.decode(c)
     for name, atol in (("shape", 1e-5), ("vertices_world", 1e-5), ("vertices_cam", 1e-5), ("albedo", 1e-5),
                        ("rotation", 1e-6), ("vertices_2d", 2e-3), ("landmarks_2d", 2e-3), ("normals", 2e-3),

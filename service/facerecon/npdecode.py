@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from facerecon.coefficients import CoefficientLayout, Coefficients
+from facerecon.coefficients import CoefficientArrays, CoefficientLayout, Coefficients
 from facerecon.geometry import INIT_LIGHT, SH_CONSTANTS, Camera, project
 
 if TYPE_CHECKING:
@@ -114,12 +114,12 @@ class NumpyDecoder:
                  "landmarks68")
         return cls({k: getattr(model, k).detach().cpu().numpy() for k in names}, model.layout, camera)
 
-    def _check(self, coeffs: Coefficients) -> Coefficients:
+    def _check(self, coeffs: Coefficients) -> CoefficientArrays:
         if coeffs.layout != self.layout:
             raise ValueError(f"coefficients have layout {coeffs.layout}, the face model {self.layout}")
-        return coeffs.numpy()
+        return coeffs.arrays()
 
-    def _pose(self, shape: np.ndarray, c: Coefficients) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _pose(self, shape: np.ndarray, c: CoefficientArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(rotation, world, camera)`` of ``(B, M, 3)`` model-space points."""
         rot = euler_to_rotation(c.angle).astype(np.float32)
         world = shape @ rot.transpose(0, 2, 1) + c.trans[:, None, :]

@@ -79,7 +79,7 @@ class Reconstruction:
         face: the detection (box, 5 and 68 landmarks in photo pixels, y down, confidences).
         alignment: the 224-crop transform (:meth:`Alignment.to_photo` maps crop points back).
         crop: ``(224, 224, 3)`` uint8 RGB aligned crop.
-        coefficients: batch of one (NumPy arrays on the R-Net path, ``mode="rnet"``; torch tensors after a fit).
+        coefficients: batch of one (NumPy-backed on the R-Net path, ``mode="rnet"``: torch tensors only when read).
         decoded: the decoded face (batch of one) as torch tensors, decoded on first use (the JSON and landmarks
             need only the 68 landmark vertices, so a reconstruction that is never exported or drawn never decodes
             its 15K-vertex mesh); ``decoded_arrays`` the same as NumPy arrays (what the exports write; for NumPy
@@ -180,7 +180,7 @@ class Reconstruction:
     def pose_degrees(self) -> dict[str, float]:
         """``{"pitch", "yaw", "roll"}`` in degrees (``facerecon.geometry``'s convention: positive yaw turns the
         face towards the image's right)."""
-        pitch, yaw, roll = np.degrees(self.coefficients.numpy().angle[0]).tolist()
+        pitch, yaw, roll = np.degrees(self.coefficients.arrays().angle[0]).tolist()
         return {"pitch": pitch, "yaw": yaw, "roll": roll}
 
 
