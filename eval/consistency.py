@@ -1,6 +1,7 @@
 """Multi-image consistency: are single-photo identities of one person closer than those of different people?
 
-    python -m eval.consistency [--lfw DIR] [--people 20] [--seed 0] [--modes fit,rnet,rnet+fit]
+    python -m eval.consistency [--lfw DIR] [--people 20] [--seed 0] [--modes fit,rnet,rnet+fit] [--cfp]
+        [--models-dir DIR]
 
 On the LFW part of the training pool (``shared/data/faces-train/lfw``, files ``<Name>_<NNNN>.jpg``), among the
 held-out people that no shipped network trained on (``facerecon.train.data.is_validation_person``): ``--people``
@@ -11,6 +12,11 @@ Then, over all pairs of photos, the distance between their identities:
 * ``id cos``: cosine distance (1 - cos) between them;
 * ``shape mm``: RMS distance (mm) between the two neutral identity shapes (mean + identity offsets, zero
   expression, model frame, so no alignment is needed) over the face region (``face_mask``).
+
+With ``--cfp``, the same over CFP's held-out people (``shared/data/faces-train/cfp``, ``<id>/frontal|profile``): two
+frontal and two profile photos per person, and only **frontal-vs-profile** pairs count (same person's frontal and
+profile = genuine, one person's frontal and another's profile = impostor): does the identity survive a 90-degree
+turn?
 
 Genuine pairs (same person) vs impostor pairs (different people): mean, sd and quartiles of each, the AUC
 (probability that a random impostor pair is farther apart than a random genuine pair; 0.5 = identity carries no
@@ -49,6 +55,19 @@ def people_with_sets(folder: Path, n: int, seed: int, lo: int = 2, hi: int = 4) 
     return {k: by_person[k] for k in chosen}
 
 
+DEFAULT_CFP = DEFAULT_LFW.parent / "cfp"
+
+
+def cfp_people(folder: Path, n: int, seed: int, per_view: int = 2) -> dict[str, list[Path]]:
+    """``n`` held-out CFP people (seeded) -> ``per_view`` frontal then ``per_view`` profile photos each."""
+    root = folder / "images"
+    names = sorted(d.name for d in root.iterdir() if d.is_dir() and is_validation_person(f"cfp{d.name}"))
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(names, size=min(n, len(names)), replace=False).tolist())
+    return {f"cfp{k}": [*sorted((root / k / "frontal").glob("*.jpg"))[:per_view],
+                        *sorted((root / k / "profile").glob("*.jpg"))[:per_view]] for k in chosen}
+
+
 def auc(genuine: list[float], impostor: list[float]) -> float:
     """P(impostor > genuine), ties counted half (Mann-Whitney U / (n_g n_i))."""
     g = np.asarray(genuine)[:, None]
@@ -72,27 +91,37 @@ def main() -> None:
     ap.add_argument("--people", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", default="", help="comma list of rnet, fit, rnet+fit (default: what is available)")
+    ap.add_argument("--cfp", nargs="?", type=Path, const=DEFAULT_CFP, default=None,
+                    help="CFP frontal-vs-profile pairs instead of LFW (optionally the cfp folder)")
+    ap.add_argument("--models-dir", type=Path, default=None, help="another models folder (e.g. a candidate R-Net)")
     args = ap.parse_args()
-    rec = Reconstructor()
+    from facerecon.config import Settings
+
+    rec = Reconstructor(Settings(models_dir=args.models_dir) if args.models_dir else None)
     modes = [m for m in args.modes.split(",") if m] or (["rnet", "fit", "rnet+fit"] if rec.rnet else ["fit"])
     if rec.rnet is None and any(m.startswith("rnet") for m in modes):
         raise SystemExit("no R-Net is installed for this face model; use --modes fit")
-    people = people_with_sets(args.lfw, args.people, args.seed)
+    people = (cfp_people(args.cfp, args.people, args.seed) if args.cfp
+              else people_with_sets(args.lfw, args.people, args.seed))
     mask = rec.model.face_mask.cpu()
     id_basis = rec.model.id_basis.cpu().view(rec.model.layout.id, -1, 3)[:, mask]  # (K, M, 3)
     t_start = time.perf_counter()
     for mode in modes:
         ids: list[tuple[str, torch.Tensor]] = []
+        views: list[str] = []
         skipped = 0
         for name, photos in people.items():
             for p in photos:
                 try:
                     ids.append((name, identity_of(rec, mode, load_image(p))))
+                    views.append(p.parent.name)
                 except FaceReconError:
                     skipped += 1
         dist: dict[str, dict[str, list[float]]] = {k: {"genuine": [], "impostor": []}
                                                    for k in ("id L2", "id cos", "shape mm")}
-        for (na, a), (nb, b) in itertools.combinations(ids, 2):
+        for ((na, a), va), ((nb, b), vb) in itertools.combinations(zip(ids, views, strict=True), 2):
+            if args.cfp and va == vb:
+                continue  # CFP: frontal-vs-profile pairs only
             kind = "genuine" if na == nb else "impostor"
             dist["id L2"][kind].append(float((a - b).norm()))
             dist["id cos"][kind].append(float(1 - torch.nn.functional.cosine_similarity(a, b, dim=0)))
