@@ -36,3 +36,35 @@ def test_no_import_cycle_between_the_pipeline_and_its_stages() -> None:
     loaded = _loaded_after(*stages)
     assert set(stages) <= set(loaded)
     assert "facerecon.pipeline" not in loaded, "a stage module pulls in the pipeline"
+
+
+def test_the_rnet_path_never_imports_torch() -> None:
+    """``refine=False`` from photo bytes to the JSON answer, the landmarks and an OBJ/GLB export (and the CLI's
+    module and parser) in a fresh interpreter: torch, the torch face model and the renderer are never loaded. The
+    same process then draws the overlay, which does load torch (so the check sees a torch import when there is
+    one)."""
+    from tests.conftest import need_shared
+
+    photo = need_shared("data", "deep3d-examples", "000002.jpg")
+    code = (
+        "import json, sys\n"
+        "import facerecon.cli\n"
+        "facerecon.cli.build_parser()\n"
+        "from facerecon.imaging import decode_image\n"
+        "from facerecon.pipeline import Reconstructor\n"
+        "rec = Reconstructor()\n"
+        f"image = decode_image(open({str(photo)!r}, 'rb').read(), max_bytes=1 << 26, max_pixels=1 << 26)\n"
+        "r = rec.reconstruct(image, refine=False)[0]\n"
+        "doc = json.loads(json.dumps(rec.to_json(r)))\n"
+        "obj, glb = rec.export(r, 'obj'), rec.export(r, 'glb')\n"
+        "before = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'numba', "
+        "'facerecon.render', 'facerecon.decoder', 'facerecon.facemodel.model')))\n"
+        "rec.overlay(image, r)\n"
+        "print(json.dumps({'before': before, 'after': 'torch' in sys.modules, 'mode': doc['mode'], "
+        "'landmarks': len(doc['landmarks68']), 'obj': obj[:2].decode(), 'glb': glb[:4].decode()}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["before"] == [], f"the R-Net path imports {got['before']}"
+    assert got["mode"] == "rnet" and got["landmarks"] == 68 and got["glb"] == "glTF" and got["obj"] in ("# ", "v ")
+    assert got["after"] is True

@@ -380,6 +380,7 @@ def align_face(
     *,
     lm68_photo: np.ndarray | None = None,
     yaw_degrees: float | None = None,
+    pil: Image.Image | None = None,
 ) -> tuple[np.ndarray, Alignment, np.ndarray]:
     """Align one face as the reference does (recentred for a turned face, :func:`turned_alignment`, when its 68
     landmarks and yaw are given).
@@ -391,6 +392,7 @@ def align_face(
         lm3d5: ``(5, 3)`` standard 3D points, from :func:`standard_lm5`.
         camera: the crop camera; only its size is checked (must be 224).
         lm68_photo, yaw_degrees: a turned face's 68 landmarks (photo px, y down) and estimated yaw.
+        pil: ``image`` as an ``RGB`` Pillow image when the caller has one (saves a copy of the photo).
 
     Returns:
         ``(crop, alignment, lm_crop)``: ``(224, 224, 3) uint8`` RGB crop (row 0 at the top); the
@@ -405,7 +407,9 @@ def align_face(
     alignment = fit_alignment(lm5_photo, lm3d5, w0, h0)
     if lm68_photo is not None and yaw_degrees is not None:
         alignment = turned_alignment(alignment, lm68_photo, yaw_degrees)
-    crop = np.asarray(resize_and_crop(Image.fromarray(img), alignment))
+    if pil is None or pil.mode != "RGB" or pil.size != (w0, h0):
+        pil = Image.fromarray(img)
+    crop = np.asarray(resize_and_crop(pil, alignment))
     # the reference maps its float32 y-up points; do the same so lm_crop matches it bit for bit
     lm = np.asarray(lm5_photo, dtype=np.float32)
     lm_crop = alignment._yup_to_crop(lm[:, 0], np.float32(h0 - 1) - lm[:, 1])

@@ -26,16 +26,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
+from PIL import Image
 
 from facerecon import __version__
 from facerecon.align import align_face
 from facerecon.coefficients import Coefficients
 from facerecon.config import Settings, get_settings, network_cache_dir, onnx_threads, resolve_device
-from facerecon.decoder import DecodedFace, FaceDecoder
 from facerecon.detect import DetectedFace, FaceDetector, Which, select_faces
 from facerecon.errors import ExportNotSupported, FaceReconError, NoFaceFound, TooManyImages
 from facerecon.export import (
@@ -48,18 +47,22 @@ from facerecon.export import (
     textured_glb,
     textured_obj,
 )
-from facerecon.facemodel import FaceModel
+from facerecon.facemodel.format import FaceModelCard, FaceModelData, load_face_model
 from facerecon.facemodel.registry import resolve
-from facerecon.fit import FitConfig, FitResult, FitTarget, fit
 from facerecon.formats import OnMissing, texture_format_problem
-from facerecon.nets.cnet import aggregate_set
+from facerecon.landmarks import lm68_to_lm5
 from facerecon.nets.runtime import OnnxNet, check_pair
-from facerecon.render import get_renderer
-from facerecon.render.base import Renderer
-from facerecon.render.maps import FaceMaps, MapKind, composite, depth_png, normals_png, render_maps
-from facerecon.render.overlay import overlay_on_photo
+from facerecon.npdecode import DecodedFace, NumpyDecoder
 from facerecon.results import Estimate, Mode, PreparedFace, Reconstruction, SetReconstruction
-from facerecon.skin import REFERENCE_GMM, skin_attention
+
+if TYPE_CHECKING:  # torch and what needs it load on first use: the R-Net path (refine=False) runs without them
+    import torch
+
+    from facerecon.decoder import FaceDecoder
+    from facerecon.facemodel import FaceModel
+    from facerecon.fit import FitConfig, FitResult
+    from facerecon.render.base import Renderer
+    from facerecon.render.maps import FaceMaps, MapKind
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ __all__ = ["Checkpoint", "Estimate", "PreparedFace", "Reconstruction", "Reconstr
            "prepare_face"]
 
 
-def _load_networks(settings: Settings, model: FaceModel) -> tuple[OnnxNet | None, OnnxNet | None]:
+def _load_networks(settings: Settings) -> tuple[OnnxNet | None, OnnxNet | None]:
     """The R-Net (and C-Net) installed beside the face model, or None when there is no ``rnet.json``.
 
     A card that exists but whose network is missing, corrupt or for another face model is a start-up error
@@ -102,6 +105,8 @@ def _net_info(net: OnnxNet | None) -> dict[str, Any] | None:
 def _overlay_triangles(model: FaceModel) -> torch.Tensor:
     """The triangles drawn over a photo: the photometric face region plus the eyes and the inner mouth (the scalp,
     neck and back of the head would paint over hair and collar)."""
+    import torch
+
     keep = model.face_mask.clone()
     region = model.extras.get("vertex_region")
     if region is not None:
@@ -112,14 +117,15 @@ def _overlay_triangles(model: FaceModel) -> torch.Tensor:
     return tris[keep[tris].all(dim=1)]
 
 
-def prepare_face(image: np.ndarray, face: DetectedFace, lm3d5: np.ndarray) -> PreparedFace:
+def prepare_face(image: np.ndarray, face: DetectedFace, lm3d5: np.ndarray, pil: Image.Image | None = None
+                 ) -> PreparedFace:
     """:meth:`Reconstructor.prepare` for a face model's 5 standard 3D points ``lm3d5`` (training data preparation
-    uses it without a Reconstructor)."""
+    uses it without a Reconstructor); ``pil``: the photo as an RGB Pillow image when the caller has one."""
     timings: dict[str, float] = {}
     with _timed(timings, "align"):
         try:
             yaw = face.pose[1] if face.pose is not None else None
-            crop, alignment, _ = align_face(image, face.lm5, lm3d5, lm68_photo=face.lm68, yaw_degrees=yaw)
+            crop, alignment, _ = align_face(image, face.lm5, lm3d5, lm68_photo=face.lm68, yaw_degrees=yaw, pil=pil)
         except ValueError as exc:
             raise NoFaceFound(f"the face found cannot be aligned: {exc}") from exc
         lm68_crop = alignment.to_crop(face.lm68)
@@ -159,40 +165,147 @@ class Reconstructor:
         fit_config: FitConfig | None = None,
     ) -> None:
         self.settings = settings or get_settings()
-        if self.settings.torch_threads > 0:
-            # Multi-threaded CPU reductions and scatters sum in a varying order; over a few dozen optimiser steps
-            # that moves a fit by ~1 %. One thread makes every reconstruction bit-reproducible (requests run
-            # concurrently in the service's workers instead).
-            torch.set_num_threads(self.settings.torch_threads)
-        self.device = resolve_device(self.settings.device)
-        self.model = face_model or FaceModel.from_file(
-            resolve(self.settings.models_dir, self.settings.face_model), device=self.device
-        )
-        self.decoder = FaceDecoder(self.model)
+        # Loaded now: the face model's arrays (NumPy), the detector and the networks (onnxruntime). Loaded on first
+        # use, each once: torch, the torch face model and decoder, the renderer (the fit, overlays, textures, maps),
+        # so the R-Net path (refine=False: JSON, landmarks, mesh exports) never imports torch.
+        self._build_lock = threading.RLock()
+        self._device: torch.device | None = None
+        self._model: FaceModel | None = face_model
+        self._decoder: FaceDecoder | None = None
+        self._renderer: Renderer | None = renderer
+        self._fit_config: FitConfig | None = fit_config
+        self._overlay_triangles: torch.Tensor | None = None
+        self._lock_: AbstractContextManager[Any] | None = None
+        self.data: FaceModelData | None = None
+        if face_model is None:
+            self.data = load_face_model(resolve(self.settings.models_dir, self.settings.face_model))
+            self.card: FaceModelCard = self.data.card
+            self.np_decoder = NumpyDecoder.from_data(self.data)
+            self.has_uvs = self.data.get("uv_coords") is not None
+            self.lm3d5 = lm68_to_lm5(self.data["standard_landmarks68"].astype(np.float64)).astype(np.float32)
+        else:
+            self._torch_setup()
+            self.card = face_model.card
+            self.np_decoder = NumpyDecoder.from_model(face_model)
+            self.has_uvs = face_model.has_uvs
+            self.lm3d5 = face_model.standard_lm5
         self.detector = detector or FaceDetector()
-        self.renderer = renderer or get_renderer(self.settings.renderer, self.device)
-        self.fit_config = fit_config or FitConfig()
-        self.lm3d5 = self.model.standard_lm5
-        self.overlay_triangles = _overlay_triangles(self.model)
-        self.rnet, self.cnet = _load_networks(self.settings, self.model)
-        # onnxruntime sessions, torch decoding and autograd and the CPU rasteriser (stateless numba kernels) are
-        # safe to run from several threads at once, so concurrent requests share nothing but the read-only models;
-        # a renderer that keeps a device context (nvdiffrast) serialises the fits and textures that use it.
-        self._lock: AbstractContextManager[Any] = (
-            contextlib.nullcontext() if getattr(self.renderer, "thread_safe", False) else threading.Lock())
+        self.rnet, self.cnet = _load_networks(self.settings)
         log.info(
             "reconstructor ready: face model %s, device %s, renderer %s, R-Net %s",
-            self.model.name, self.device, self.renderer.name,
+            self.card.name, self._device_name(), self._renderer_name(),
             "installed" if self.rnet is not None else "not installed (test-time fitting from the mean face)",
         )
+
+    # -- what loads on first use -------------------------------------------------------------------------------
+    def _torch_setup(self) -> None:
+        """Import torch and apply the thread setting (once; every torch-using part calls this first)."""
+        if self._device is not None:
+            return
+        with self._build_lock:
+            if self._device is not None:
+                return
+            import torch
+
+            if self.settings.torch_threads > 0:
+                # Multi-threaded CPU reductions and scatters sum in a varying order; over a few dozen optimiser
+                # steps that moves a fit by ~1 %. One thread makes every reconstruction bit-reproducible (requests
+                # run concurrently in the service's workers instead).
+                torch.set_num_threads(self.settings.torch_threads)
+            self._device = resolve_device(self.settings.device)
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device (imports torch)."""
+        self._torch_setup()
+        return self._device  # type: ignore[return-value]
+
+    def _device_name(self) -> str:
+        """The device's name without importing torch where that is certain: ``cpu`` when the setting says so or
+        the installed torch is a CPU build."""
+        if self._device is not None:
+            return str(self._device)
+        if self.settings.device == "cpu" or (self.settings.device == "auto" and _cpu_only_torch()):
+            return "cpu"
+        return str(self.device)
+
+    @property
+    def model(self) -> FaceModel:
+        """The face model as a torch module on :attr:`device` (over the same arrays as :attr:`np_decoder`)."""
+        if self._model is None:
+            with self._build_lock:
+                if self._model is None:
+                    from facerecon.facemodel.model import FaceModel
+
+                    self._torch_setup()
+                    self._model = FaceModel(self.data).to(self._device)  # type: ignore[arg-type]
+        return self._model
+
+    @property
+    def decoder(self) -> FaceDecoder:
+        """The torch decoder (the fit, overlays, textures)."""
+        if self._decoder is None:
+            with self._build_lock:
+                if self._decoder is None:
+                    from facerecon.decoder import FaceDecoder
+
+                    self._decoder = FaceDecoder(self.model)
+        return self._decoder
+
+    @property
+    def renderer(self) -> Renderer:
+        if self._renderer is None:
+            with self._build_lock:
+                if self._renderer is None:
+                    from facerecon.render import get_renderer
+
+                    self._torch_setup()
+                    self._renderer = get_renderer(self.settings.renderer, self._device)
+        return self._renderer
+
+    def _renderer_name(self) -> str:
+        if self._renderer is not None:
+            return self._renderer.name
+        if self.settings.renderer != "auto":
+            return self.settings.renderer
+        return "cpu" if self._device_name() == "cpu" else self.renderer.name
+
+    @property
+    def fit_config(self) -> FitConfig:
+        if self._fit_config is None:
+            from facerecon.fit import FitConfig
+
+            self._fit_config = FitConfig()
+        return self._fit_config
+
+    @property
+    def overlay_triangles(self) -> torch.Tensor:
+        if self._overlay_triangles is None:
+            with self._build_lock:
+                if self._overlay_triangles is None:
+                    self._overlay_triangles = _overlay_triangles(self.model)
+        return self._overlay_triangles
+
+    @property
+    def _lock(self) -> AbstractContextManager[Any]:
+        """What the renderer's users hold: onnxruntime sessions, torch decoding and autograd and the CPU rasteriser
+        (stateless numba kernels) are safe from several threads at once, so concurrent requests share nothing but
+        the read-only models; a renderer that keeps a device context (nvdiffrast) serialises the fits and textures
+        that use it."""
+        if self._lock_ is None:
+            with self._build_lock:
+                if self._lock_ is None:
+                    safe = getattr(self.renderer, "thread_safe", False)
+                    self._lock_ = contextlib.nullcontext() if safe else threading.Lock()
+        return self._lock_
 
     # -- information -------------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         return {
             "version": __version__,
-            "face_model": self.model.card.model_dump(mode="json"),
-            "device": str(self.device),
-            "renderer": self.renderer.name,
+            "face_model": self.card.model_dump(mode="json"),
+            "device": self._device_name(),
+            "renderer": self._renderer_name(),
             "rnet": _net_info(self.rnet),
             "cnet": _net_info(self.cnet),
             "default_mode": "rnet+fit" if self.rnet is not None else "fit",
@@ -207,8 +320,9 @@ class Reconstructor:
         refine = self.settings.refine if refine is None else refine
         return "rnet+fit" if refine else "rnet"
 
-    def detect(self, image: np.ndarray, which: Which = "largest") -> list[DetectedFace]:
-        """Faces to reconstruct, best first (:func:`~facerecon.detect.select_faces`).
+    def detect(self, image: np.ndarray | Image.Image, which: Which = "largest") -> list[DetectedFace]:
+        """Faces to reconstruct, best first (:func:`~facerecon.detect.select_faces`); ``image`` as the detector
+        takes it (an array, or the photo as an RGB Pillow image).
 
         Raises:
             NoFaceFound: none in the photo.
@@ -218,14 +332,14 @@ class Reconstructor:
             raise NoFaceFound("no face found in the photo")
         return faces
 
-    def prepare(self, image: np.ndarray, face: DetectedFace) -> PreparedFace:
+    def prepare(self, image: np.ndarray, face: DetectedFace, pil: Image.Image | None = None) -> PreparedFace:
         """The aligned 224 crop of one face (the reference alignment, recentred for a turned face), its 68
-        landmarks in crop pixels (y up).
+        landmarks in crop pixels (y up); ``pil``: ``image`` as an RGB Pillow image when the caller has one.
 
         Raises:
             NoFaceFound: the face cannot be aligned (degenerate landmarks, or a face a few pixels wide).
         """
-        return prepare_face(image, face, self.lm3d5)
+        return prepare_face(image, face, self.lm3d5, pil)
 
     def estimate(self, prepared: Sequence[PreparedFace], *, mode: Mode | None = None, refine: bool | None = None,
                  share_identity: bool = False) -> Estimate:
@@ -250,17 +364,22 @@ class Reconstructor:
         images = np.stack([p.crop for p in prepared])
         init: Coefficients | None = None
         aggregation = None
+        if mode != "fit":
+            with _timed(timings, "rnet"):
+                x = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+                out = self.rnet.run(x)  # type: ignore[union-attr]
+                # NumPy coefficients: the R-Net path stays torch-free (tensors are made if a later stage reads them)
+                init = Coefficients.from_vector(np.asarray(out["coeffs"], np.float32), self.card.layout)
+                if self._device_name() != "cpu":
+                    init = init.to(self.device)
+            if share_identity:
+                with _timed(timings, "cnet"):
+                    init, aggregation = self._aggregate(init, x, out)
+        if mode == "rnet":
+            return Estimate(init, mode, aggregation, timings)  # type: ignore[arg-type]
+        from facerecon.skin import REFERENCE_GMM
+
         with self._lock:
-            if mode != "fit":
-                with _timed(timings, "rnet"):
-                    x = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-                    out = self.rnet.run(x)  # type: ignore[union-attr]
-                    init = Coefficients.from_vector(torch.from_numpy(out["coeffs"]).to(self.device), self.model.layout)
-                if share_identity:
-                    with _timed(timings, "cnet"):
-                        init, aggregation = self._aggregate(init, x, out)
-            if mode == "rnet":
-                return Estimate(init, mode, aggregation, timings)  # type: ignore[arg-type]
             with _timed(timings, "skin"):
                 for p in prepared:
                     if p.skin is None:
@@ -280,22 +399,37 @@ class Reconstructor:
 
     def finish(self, prepared: PreparedFace, estimate: Estimate, index: int = 0) -> Reconstruction:
         """Row ``index`` of ``estimate`` for ``prepared``: the reconstruction with its 68 landmarks reprojected into
-        the photo (only the landmark vertices are decoded here; the mesh is decoded when first used)."""
+        the photo (only the landmark vertices are decoded here, with NumPy for the R-Net's coefficients; the mesh
+        is decoded when first used)."""
         timings = {**prepared.timings, **estimate.timings}
         coeffs = estimate.coefficients.index(index)
-        with _timed(timings, "landmarks"), torch.no_grad():
-            lm_crop = self.decoder.landmarks(coeffs)[0].cpu().numpy().astype(np.float64)
+        with _timed(timings, "landmarks"):
+            if coeffs.is_numpy:
+                lm_crop = self.np_decoder.landmarks(coeffs)[0].astype(np.float64)
+            else:
+                import torch
+
+                with torch.no_grad():
+                    lm_crop = self.decoder.landmarks(coeffs)[0].cpu().numpy().astype(np.float64)
         err = float(np.linalg.norm(lm_crop - prepared.lm68_crop, axis=1).mean())
         return Reconstruction(
             face=prepared.face, alignment=prepared.alignment, crop=prepared.crop, coefficients=coeffs,
-            decoder=self.decoder,
+            decoder=self._decode, np_decoder=self.np_decoder.decode, device=self._device_name(),
             landmarks_photo=prepared.alignment.to_photo(lm_crop), mode=estimate.mode, landmark_error_px=err,
-            timings=timings, photo_size=prepared.photo_size, units=self.model.card.units, camera=self.decoder.camera,
+            timings=timings, photo_size=prepared.photo_size, units=self.card.units, camera=self.np_decoder.camera,
         )
+
+    def _decode(self, coeffs: Coefficients) -> DecodedFace:
+        """The torch decode (:class:`~facerecon.decoder.FaceDecoder` on :attr:`device`)."""
+        return self.decoder(coeffs)
 
     def _aggregate(self, per_image: Coefficients, x: np.ndarray, out: dict[str, np.ndarray]
                    ) -> tuple[Coefficients, str]:
         """One identity and albedo for the batch: C-Net confidence-weighted, else the plain mean."""
+        import torch
+
+        from facerecon.nets.cnet import aggregate_set
+
         if self.cnet is not None:
             conf = self.cnet.run(x, out["features"])
             c_id = torch.from_numpy(conf["conf_id"]).to(self.device)
@@ -308,6 +442,12 @@ class Reconstructor:
 
     def _fit(self, prepared: Sequence[PreparedFace], init: Coefficients | None, share_identity: bool
              ) -> FitResult:
+        import torch
+
+        from facerecon.fit import FitConfig, FitTarget, fit
+        from facerecon.skin import skin_attention
+
+        self._torch_setup()
         image = torch.from_numpy(np.stack([p.crop for p in prepared])).permute(0, 3, 1, 2).float().div(255.0)
         lm = torch.from_numpy(np.stack([p.lm68_crop for p in prepared])).float()
         skin = skin_attention(torch.from_numpy(np.stack([p.skin for p in prepared]))[:, None].float())
@@ -333,11 +473,13 @@ class Reconstructor:
             NoFaceFound: no face in the photo.
         """
         t: dict[str, float] = {}
+        # one Pillow copy of the photo for the detector and the alignment
+        pil = Image.fromarray(image) if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8 else None
         if faces is None:
             with _timed(t, "detect"):
-                faces = self.detect(image, which)
+                faces = self.detect(image if pil is None else pil, which)
         _at(checkpoint, "prepare")
-        prepared = [self.prepare(image, f) for f in faces]
+        prepared = [self.prepare(image, f, pil) for f in faces]
         for p in prepared:
             p.timings.update(t)
         _at(checkpoint, "estimate")
@@ -397,7 +539,7 @@ class Reconstructor:
         est = self.estimate(prepared, refine=refine, share_identity=True)
         _at(checkpoint, "finish")
         coeffs = est.coefficients
-        zero = Coefficients.zeros(self.model.layout, 1, self.device)
+        zero = Coefficients.zeros(self.card.layout, 1, self.device)
         identity = Coefficients(coeffs.id.mean(0, keepdim=True), zero.exp, coeffs.tex.mean(0, keepdim=True),
                                 zero.angle, zero.gamma, zero.trans)
         items = [self.finish(p, est, i) for i, p in enumerate(prepared)]
@@ -410,24 +552,28 @@ class Reconstructor:
     def mesh(self, decoded: DecodedFace, *, colors: Literal["lit", "albedo"] = "lit", uv: bool = False) -> MeshData:
         """The posed mesh in world space in the model's units (dm), as the reference's OBJ, with the decoder's
         normals; the model's own UVs only with ``uv=True`` (the vertex-colour exports carry none: ICT's span two UDIM
-        tiles, and readers such as trimesh take UVs over the colours)."""
-        col = (decoded.colors if colors == "lit" else decoded.albedo)[0].detach().cpu().numpy()
-        extras = self.model.extras
-        has_uv = uv and self.model.has_uvs
+        tiles, and readers such as trimesh take UVs over the colours). ``decoded``: NumPy arrays
+        (:attr:`Reconstruction.decoded_arrays`) or torch tensors."""
+        has_uv = uv and self.has_uvs
         return MeshData(
-            vertices=decoded.vertices_world[0].detach().cpu().numpy(),
-            faces=self.model.triangles.cpu().numpy(),
-            colors=col,
-            uvs=extras["uv_coords"] if has_uv else None,
-            uv_faces=extras["uv_triangles"] if has_uv else None,
-            normals=decoded.normals_world[0].detach().cpu().numpy(),
-            units=self.model.card.units,
+            vertices=_array(decoded.vertices_world[0]),
+            faces=self.np_decoder.triangles,
+            colors=_array((decoded.colors if colors == "lit" else decoded.albedo)[0]),
+            uvs=self._extra("uv_coords") if has_uv else None,
+            uv_faces=self._extra("uv_triangles") if has_uv else None,
+            normals=_array(decoded.normals_world[0]),
+            units=self.card.units,
         )
 
+    def _extra(self, key: str) -> np.ndarray:
+        """A face-model array no decoding needs (UVs, regions): from the file's arrays, else the torch model's."""
+        return np.asarray(self.data[key]) if self.data is not None else self.model.extras[key]
+
     def export(self, rec: Reconstruction, fmt: MeshFormat) -> bytes:
-        """The mesh with per-vertex colours in one file (OBJ/PLY in the model's units, GLB in metres)."""
+        """The mesh with per-vertex colours in one file (OBJ/PLY in the model's units, GLB in metres); without
+        torch for the R-Net's coefficients."""
         with _timed(rec.timings, "export"):
-            return export_mesh(self.mesh(rec.decoded), fmt)
+            return export_mesh(self.mesh(rec.decoded_arrays), fmt)
 
     def export_files(self, image: np.ndarray, rec: Reconstruction, fmt: MeshFormat,
                      texture: TextureChoice = "none", size: int = 1024) -> dict[str, bytes]:
@@ -443,8 +589,8 @@ class Reconstructor:
             return {f"mesh.{fmt}": self.export(rec, fmt)}
         if (problem := texture_format_problem(texture, fmt)) is not None:
             raise ExportNotSupported(problem, field="texture")
-        if not self.model.has_uvs:
-            raise ExportNotSupported(f"the face model {self.model.name!r} has no UVs: texture={texture} is not "
+        if not self.has_uvs:
+            raise ExportNotSupported(f"the face model {self.card.name!r} has no UVs: texture={texture} is not "
                                      "available (use texture=none for per-vertex colours)", field="texture")
         return self._export_textured(image, rec, fmt, texture, size=size)  # type: ignore[arg-type]
 
@@ -462,31 +608,39 @@ class Reconstructor:
             tex = make_texture(rec, self.model, image, kind, size=size, camera=self.decoder.camera,
                                renderer=self.renderer)
         with _timed(rec.timings, "export"):
-            mesh = MeshData(vertices=rec.decoded.vertices_world[0].detach().cpu().numpy().astype(np.float64),
-                            faces=self.model.triangles.cpu().numpy(), uvs=tex.atlas.uvs, uv_faces=tex.atlas.uv_faces,
-                            units=self.model.card.units)
+            arrays = rec.decoded_arrays
+            mesh = MeshData(vertices=arrays.vertices_world[0].astype(np.float64), faces=self.np_decoder.triangles,
+                            uvs=tex.atlas.uvs, uv_faces=tex.atlas.uv_faces, units=self.card.units)
             if fmt == "obj":
                 return textured_obj(mesh, tex.png())
-            normals = rec.decoded.normals_world[0].detach().cpu().numpy().astype(np.float64)
+            normals = arrays.normals_world[0].astype(np.float64)
             return {"mesh.glb": textured_glb(mesh, normals, tex.image)}
 
     def identity_mesh(self, rec: SetReconstruction) -> MeshData:
+        import torch
+
         with torch.no_grad():
             return self.mesh(self.decoder(rec.identity))
 
     def overlay(self, image: np.ndarray, rec: Reconstruction) -> np.ndarray:
-        """The shaded reconstruction composited over the photo, at the photo's resolution, ``(H, W, 3) uint8``."""
+        """The shaded reconstruction composited over the photo, at the photo's resolution, ``(H, W, 3) uint8``
+        (imports torch and the renderer on first use)."""
+        from facerecon.render.overlay import overlay_on_photo
+
+        renderer, triangles = self.renderer, self.overlay_triangles
         with _timed(rec.timings, "render"):
             return overlay_on_photo(
-                image, rec.decoded.vertices_cam, self.overlay_triangles,
-                rec.decoded.colors.clamp(0, 1), rec.alignment.photo_intrinsics(self.decoder.camera),
-                renderer=self.renderer,
+                image, rec.decoded.vertices_cam, triangles,
+                rec.decoded.colors.clamp(0, 1), rec.alignment.photo_intrinsics(self.np_decoder.camera),
+                renderer=renderer,
             )
 
     def maps(self, rec: Reconstruction) -> FaceMaps:
         """The face's depth and normal maps over the photo pixels it covers, rendered with the JSON's photo camera
         (:mod:`facerecon.render.maps`: depth in model units, normals in camera axes x right, y up, z towards the
         camera; the overlay's triangles)."""
+        from facerecon.render.maps import render_maps
+
         intr, _, _ = rec.photo_camera()
         with _timed(rec.timings, "maps"), self._lock:
             return render_maps(rec.decoded.vertices_cam, rec.decoded.normals_world, self.overlay_triangles, intr,
@@ -497,9 +651,11 @@ class Reconstructor:
         """``{kind: PNG}``: the depth and/or normal map of every face in ``recs`` over the whole photo (one raster
         per face for both), the nearest surface winning where faces overlap
         (:func:`facerecon.render.maps.depth_png` / ``normals_png``)."""
+        from facerecon.render.maps import composite, depth_png, normals_png
+
         maps = composite([self.maps(r) for r in recs], recs[0].photo_size)
         with _timed(recs[0].timings, "encode_maps"):
-            return {k: depth_png(maps, metres_per_unit(self.model.card.units)) if k == "depth" else normals_png(maps)
+            return {k: depth_png(maps, metres_per_unit(self.card.units)) if k == "depth" else normals_png(maps)
                     for k in kinds}
 
     def to_json(self, rec: Reconstruction, index: int = 0) -> dict[str, Any]:
@@ -508,7 +664,23 @@ class Reconstructor:
         layout and the photo size; what ``facerecon reconstruct`` writes as ``coefficients.json``."""
         from facerecon.report import face_result
 
-        names = list(self.model.card.expression_names or [])
+        names = list(self.card.expression_names or [])
         doc = face_result(rec, index, expression_names=names).model_dump(mode="json", exclude_none=True)
-        return {"face_model": self.model.name, "layout": self.model.layout.model_dump(),
+        return {"face_model": self.card.name, "layout": self.card.layout.model_dump(),
                 "photo_size": list(rec.photo_size), **doc}
+
+
+def _array(x: Any) -> np.ndarray:
+    """A decoded array as NumPy (a tensor is detached and moved to the CPU)."""
+    return x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
+
+
+def _cpu_only_torch() -> bool:
+    """The installed torch is a CPU build (its version says ``+cpu``), read from its metadata without importing it:
+    ``device=auto`` then means the CPU."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "+cpu" in version("torch")
+    except PackageNotFoundError:
+        return True

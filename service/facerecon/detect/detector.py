@@ -199,11 +199,12 @@ class FaceDetector:
                     pts[i], scores[i] = p2[k], s2[k]
         return pts, scores
 
-    def detect(self, image: np.ndarray, which: Which = "all") -> list[DetectedFace]:
+    def detect(self, image: np.ndarray | Image.Image, which: Which = "all") -> list[DetectedFace]:
         """Find every face with its landmarks.
 
         Args:
-            image: ``(H, W, 3) uint8`` RGB (or ``(H, W)`` uint8 grey), y down.
+            image: ``(H, W, 3) uint8`` RGB (or ``(H, W)`` uint8 grey), y down; or that photo already as an ``RGB``
+                Pillow image (the pipeline makes one per photo for detection and alignment).
             which: ``"largest"`` lets the detector skip the small-face passes once a confident face is found
                 (the result is still every face found, ranked; the caller picks the first).
 
@@ -211,8 +212,7 @@ class FaceDetector:
             Faces ranked by :func:`select_faces` (reliable first, then by box area); an empty list when there is
             none (never raises for that).
         """
-        img = as_rgb_uint8(image)
-        pil = Image.fromarray(img)
+        pil = image if isinstance(image, Image.Image) and image.mode == "RGB" else Image.fromarray(as_rgb_uint8(image))
         det = self.boxes(pil, which)
         if len(det) == 0:
             return []
