@@ -113,3 +113,27 @@ def test_set_skips_a_faceless_photo_on_request(tmp_path: Path) -> None:
     assert f"skipped {empty} (no face)" in run.stdout and "wrote 2 photos" in run.stdout
     assert f"{empty}: skipped, no face found" in run.stderr
     assert sorted(p.name for p in out.iterdir()) == ["Aaron_Peirsol_0001", "Aaron_Peirsol_0003", "identity.obj"]
+
+
+def test_rnet_only_without_overlay_writes_mesh_and_json_and_never_loads_torch(tmp_path: Path) -> None:
+    """``--no-refine --no-overlay``: the mesh and coefficients.json, no overlay.png, and the run imports neither
+    torch nor the renderer (the fastest start-up); the JSON is the R-Net's (mode rnet) with the 68 landmarks."""
+    photo = need_shared("data", "deep3d-examples", "000002.jpg")
+    out = tmp_path / "out"
+    code = ("import sys\nfrom facerecon.cli import main\n"
+            f"rc = main(['reconstruct', {str(photo)!r}, '--out', {str(out)!r}, '--no-refine', '--no-overlay'])\n"
+            "print(rc, 'torch' in sys.modules, any(m.startswith('facerecon.render') for m in sys.modules))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "0 False False", run.stdout
+    assert sorted(p.name for p in (out / "000002").iterdir()) == ["coefficients.json", "mesh.obj"]
+    doc = json.loads((out / "000002" / "coefficients.json").read_text())
+    assert doc["mode"] == "rnet" and len(doc["landmarks68"]) == 68
+    from facerecon.config import get_settings
+    from facerecon.facemodel.format import read_card
+    from facerecon.facemodel.registry import resolve
+
+    s = get_settings()
+    n = int(read_card(resolve(s.models_dir, s.face_model))["n_vertices"])
+    lines = (out / "000002" / "mesh.obj").read_text().splitlines()
+    assert sum(line.startswith("v ") for line in lines) == n

@@ -165,8 +165,6 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from facerecon.render.overlay import save_png
-
     errors = reconstruct_option_errors(args)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
@@ -182,7 +180,10 @@ def _reconstruct(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         for file, data in rec.export_files(image, r, args.format, args.texture).items():
             (folder / file).write_bytes(data)
-        save_png(rec.overlay(image, r), folder / "overlay.png")
+        if args.overlay:  # the renderer (torch, numba): the R-Net path without it never imports them
+            from facerecon.render.overlay import save_png
+
+            save_png(rec.overlay(image, r), folder / "overlay.png")
         if args.maps:
             for kind, png in rec.map_pngs([r]).items():
                 (folder / f"{kind}.png").write_bytes(png)
@@ -253,12 +254,13 @@ examples:
   facerecon reconstruct photo.jpg
   facerecon reconstruct shoot/*.jpg --out meshes --format glb --texture photo --faces all
   facerecon reconstruct photo.jpg --maps
+  facerecon reconstruct shoot/*.jpg --no-refine --no-overlay   (the R-Net alone: mesh and JSON, fastest)
   facerecon reconstruct a.jpg b.jpg c.jpg --set --on-missing skip
 
 output layout (in --out):
   <photo>/mesh.<format>        the face mesh with per-vertex colours
   <photo>/mesh.mtl, texture.png  beside mesh.obj with --texture (a GLB embeds its texture)
-  <photo>/overlay.png          the reconstruction drawn over the photo, at the photo's size
+  <photo>/overlay.png          the reconstruction drawn over the photo, at the photo's size (not with --no-overlay)
   <photo>/depth.png            with --maps: the depth map, 16-bit grey, value / 10000 = metres, 0 = no surface
   <photo>/normals.png          with --maps: the normal map, RGB, n = value / 127.5 - 1 (x right, y up, z towards
                                the camera), 0 = no surface; both at the photo's size, in coefficients.json's camera
@@ -337,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write each face's depth.png (16-bit grey, value / 10000 = metres along the view axis) "
                          "and normals.png (RGB, n = value / 127.5 - 1, camera axes x right, y up, z towards the "
                          "camera), 0 = no surface, at the photo's size (default: not written)")
+    rc.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
+                    help="write each face's overlay.png; --no-overlay skips it, and with --no-refine the run then "
+                         "never loads torch or the renderer (default: written)")
     rc.add_argument("--on-missing", choices=ON_MISSING_CHOICES, default=None,
                     help="--set only: a photo without a face fails the whole set, or is skipped and reported "
                          "(default: fail)")
