@@ -107,7 +107,7 @@ def test_a_model_without_uvs_is_refused(ict_model, reconstructor, cases) -> None
     # the one export entry point refuses it with a typed 422, never a crash; and a texture in PLY likewise
     case = cases[TURNED]
     without_uvs = copy.copy(reconstructor)
-    without_uvs.model = bare
+    without_uvs._model, without_uvs.has_uvs = bare, bare.has_uvs  # what the engine reads of a model at start-up
     with pytest.raises(ExportNotSupported, match="no UVs") as exc:
         without_uvs.export_files(case.image, case.rec, "obj", "photo")
     assert exc.value.http_status == 422 and exc.value.code == "export_not_supported"

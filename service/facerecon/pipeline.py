@@ -58,6 +58,7 @@ from facerecon.results import Estimate, Mode, PreparedFace, Reconstruction, SetR
 if TYPE_CHECKING:  # torch and what needs it load on first use: the R-Net path (refine=False) runs without them
     import torch
 
+    from facerecon.appearance import FeatureColours, FeatureRegions
     from facerecon.decoder import FaceDecoder
     from facerecon.facemodel import FaceModel
     from facerecon.fit import FitConfig, FitResult
@@ -175,6 +176,7 @@ class Reconstructor:
         self._renderer: Renderer | None = renderer
         self._fit_config: FitConfig | None = fit_config
         self._overlay_triangles: torch.Tensor | None = None
+        self._feature_regions: FeatureRegions | None = None
         self._lock_: AbstractContextManager[Any] | None = None
         self.data: FaceModelData | None = None
         if face_model is None:
@@ -285,6 +287,27 @@ class Reconstructor:
                 if self._overlay_triangles is None:
                     self._overlay_triangles = _overlay_triangles(self.model)
         return self._overlay_triangles
+
+    @property
+    def feature_regions(self) -> FeatureRegions:
+        """The brows, eyes, lips and inner mouth of the face model (:func:`facerecon.appearance.feature_regions`)."""
+        if self._feature_regions is None:
+            from facerecon.appearance import feature_regions
+
+            with self._build_lock:
+                if self._feature_regions is None:
+                    self._feature_regions = feature_regions(self.model)
+        return self._feature_regions
+
+    def feature_colours(self, rec: Reconstruction) -> FeatureColours:
+        """``rec``'s lit colours and albedo with the brows, eyes, lips and inner mouth coloured from the photo
+        (:mod:`facerecon.appearance`: the model's hand-set tints gave pale blue-grey brows, white eyes and, on a
+        greyscale photo, cyan eyes); for the overlay and the textures."""
+        from facerecon.appearance import feature_colours
+
+        with _timed(rec.timings, "features"), self._lock:
+            return feature_colours(rec, self.feature_regions, self.overlay_triangles, self.renderer,
+                                   self.decoder.camera)
 
     @property
     def _lock(self) -> AbstractContextManager[Any]:
@@ -604,9 +627,10 @@ class Reconstructor:
         """
         from facerecon.texture import make_texture
 
+        colours = self.feature_colours(rec)
         with _timed(rec.timings, "texture"), self._lock:
             tex = make_texture(rec, self.model, image, kind, size=size, camera=self.decoder.camera,
-                               renderer=self.renderer)
+                               renderer=self.renderer, colours=colours)
         with _timed(rec.timings, "export"):
             arrays = rec.decoded_arrays
             mesh = MeshData(vertices=arrays.vertices_world[0].astype(np.float64), faces=self.np_decoder.triangles,
@@ -625,13 +649,16 @@ class Reconstructor:
     def overlay(self, image: np.ndarray, rec: Reconstruction) -> np.ndarray:
         """The shaded reconstruction composited over the photo, at the photo's resolution, ``(H, W, 3) uint8``
         (imports torch and the renderer on first use)."""
+        import torch
+
         from facerecon.render.overlay import overlay_on_photo
 
         renderer, triangles = self.renderer, self.overlay_triangles
+        colours = torch.from_numpy(self.feature_colours(rec).lit).to(rec.decoded.colors.device)[None]
         with _timed(rec.timings, "render"):
             return overlay_on_photo(
                 image, rec.decoded.vertices_cam, triangles,
-                rec.decoded.colors.clamp(0, 1), rec.alignment.photo_intrinsics(self.np_decoder.camera),
+                colours.clamp(0, 1), rec.alignment.photo_intrinsics(self.np_decoder.camera),
                 renderer=renderer,
             )
 

@@ -73,6 +73,7 @@ from facerecon.render import get_renderer
 from facerecon.render.base import Renderer
 
 if TYPE_CHECKING:
+    from facerecon.appearance import FeatureColours
     from facerecon.results import Reconstruction
 
 __all__ = [
@@ -453,6 +454,7 @@ def albedo_texture(
     *,
     size: int | tuple[int, int] = 1024,
     renderer: Renderer | None = None,
+    colours: FeatureColours | None = None,
 ) -> Texture:
     """The fitted albedo (``decoded.albedo``, per vertex, clamped to [0, 1]) interpolated into the atlas.
 
@@ -461,6 +463,8 @@ def albedo_texture(
         model: the face model it was decoded with (must have UVs).
         size: ``H`` (= ``W``) or ``(H, W)`` texels.
         renderer: rasteriser for the UV raster (default: the CPU one).
+        colours: per-vertex colours with the brows, eyes, lips and inner mouth from the photo
+            (:func:`facerecon.appearance.feature_colours`); its ``albedo`` replaces ``decoded.albedo``.
 
     Raises:
         ValueError: no UVs on the model, or a bad size.
@@ -474,7 +478,8 @@ def albedo_texture(
     raster = _uv_raster(atlas, h, w, _renderer(renderer))
     t1 = time.perf_counter()
     tris = model.triangles.cpu().numpy()
-    albedo = np.clip(_np(decoded.albedo), 0.0, 1.0) * 255.0
+    source = _np(decoded.albedo) if colours is None else colours.albedo.astype(np.float64)
+    albedo = np.clip(source, 0.0, 1.0) * 255.0
     image, coverage = _finish_image(_blend(albedo, tris[raster.faces], raster.bary), raster)
     t2 = time.perf_counter()
     timings.update(uv_raster=(t1 - t0) * 1e3, texture=(t2 - t1) * 1e3)
@@ -569,14 +574,19 @@ class _Visibility:
 MIN_FILL_SHADING = 1.0
 
 
-def _fill_colours(decoded: DecodedFace, normals_world: np.ndarray) -> np.ndarray:
+def _fill_colours(decoded: DecodedFace, normals_world: np.ndarray, colours: FeatureColours | None = None
+                  ) -> np.ndarray:
     """Per-vertex colours ``(N, 3)`` in [0, 255] the fill and the mirroring start from: the fitted albedo times the
     fitted SH shading, that shading floored at :data:`MIN_FILL_SHADING` of its mean over the surface facing the
     camera. The SH lighting is fitted to the photo's front: extrapolated to the back of the head it falls to about
     zero, which made the unseen back of a textured head near black (a fifth of the front's brightness on 000002.jpg;
-    about two thirds with the floor)."""
-    albedo = np.clip(_np(decoded.albedo), 0.0, 1.0)
-    lit = np.clip(_np(decoded.colors), 0.0, 1.0)
+    about two thirds with the floor). ``colours``: the features' photo-based colours instead of the decoder's."""
+    if colours is None:
+        albedo = np.clip(_np(decoded.albedo), 0.0, 1.0)
+        lit = np.clip(_np(decoded.colors), 0.0, 1.0)
+    else:
+        albedo = np.clip(colours.albedo.astype(np.float64), 0.0, 1.0)
+        lit = np.clip(colours.lit.astype(np.float64), 0.0, 1.0)
     shading = lit / np.maximum(albedo, 1e-3)
     front = normals_world[:, 2] > 0.5
     mean_front = shading[front].mean(0) if front.any() else shading.mean(0)
@@ -592,9 +602,11 @@ def photo_texture(
     camera: Camera | None = None,
     renderer: Renderer | None = None,
     options: PhotoTextureOptions | None = None,
+    colours: FeatureColours | None = None,
 ) -> Texture:
     """The photo's colours in the atlas, with mirroring and filling of the texels the photo does not show (see the
-    module docstring).
+    module docstring); ``colours`` (:func:`facerecon.appearance.feature_colours`): the model colours the fill
+    starts from, with the features' photo colours.
 
     Args:
         rec: one reconstruction of a face in ``photo``.
@@ -636,7 +648,7 @@ def photo_texture(
     tris = model.triangles.cpu().numpy()
     verts = _np(decoded.vertices_cam)
     normals = _np(decoded.normals_world)
-    lit = _fill_colours(decoded, normals)
+    lit = _fill_colours(decoded, normals, colours)
     k = rec.alignment.photo_intrinsics(cam)
     vis = _Visibility(verts, tris, k, rend, cam, opt)
     t2 = time.perf_counter()
@@ -700,8 +712,10 @@ def make_texture(
     camera: Camera | None = None,
     renderer: Renderer | None = None,
     options: PhotoTextureOptions | None = None,
+    colours: FeatureColours | None = None,
 ) -> Texture:
-    """:func:`photo_texture` or :func:`albedo_texture` by ``kind`` (``photo`` may be None for ``"albedo"``).
+    """:func:`photo_texture` or :func:`albedo_texture` by ``kind`` (``photo`` may be None for ``"albedo"``), with
+    ``colours`` (the features' photo colours) for the albedo and the photo texture's fill.
 
     Raises:
         ValueError: unknown kind, a photo texture without a photo, or see the two functions.
@@ -709,7 +723,8 @@ def make_texture(
     if kind == "photo":
         if photo is None:
             raise ValueError("a photo texture needs the photo")
-        return photo_texture(rec, model, photo, size=size, camera=camera, renderer=renderer, options=options)
+        return photo_texture(rec, model, photo, size=size, camera=camera, renderer=renderer, options=options,
+                             colours=colours)
     if kind == "albedo":
-        return albedo_texture(rec, model, size=size, renderer=renderer)
+        return albedo_texture(rec, model, size=size, renderer=renderer, colours=colours)
     raise ValueError(f"unknown texture kind {kind!r}; use 'photo' or 'albedo'")
