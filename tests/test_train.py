@@ -88,7 +88,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         shutil.copy(FACE_MODEL.parent / f, models / f)
     # a quarter of each batch from the 4 photos turned to large yaw (the shipped R-Net fits their sources)
     cfg = RNetConfig(data=[str(photos)], out=str(tmp / "run"), val_data=[], models_dir=str(tmp / "models"),
-                     steps=8, batch=4, lr=2e-3, warmup=1, lr_final=1.0, synthetic=8, synthetic_fraction=0.5,
+                     steps=8, batch=4, lr=2e-3, warmup=1, lr_final=1.0, synthetic=8, synthetic_val=8,
+                     synthetic_fraction=0.5,
                      photo_per_batch=1, render_size=56, augment=False, val_every=0,
                      checkpoint_every=4, seed=0, threads=2, device="cpu", progress=False,
                      large_pose=4, large_pose_fraction=0.25, cache_dir=str(tmp / "cache"))

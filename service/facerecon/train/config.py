@@ -37,6 +37,7 @@ class RNetConfig:
     photometric + perceptual terms, rendered at ``render_size`` px; ``time_limit_s`` stops (with a checkpoint)
     after that many seconds of this process; held out (never trained on; ``val_max`` of them validate the run):
     :func:`facerecon.train.data.is_validation_photo`; synthetic poses reach ``synthetic_yaw_deg`` of yaw;
+    ``synthetic_val`` held-out synthetic faces (their own seed) validate the pose and ``train eval`` reads them;
     ``large_pose`` training photos are turned to large yaw (:mod:`facerecon.train.large_pose`) and make up
     ``large_pose_fraction`` of every batch; ``init_from`` starts the network from another run's checkpoint (its
     weights only: a new optimiser and schedule).
@@ -58,6 +59,7 @@ class RNetConfig:
     synthetic_fraction: float = 0.5
     synthetic_only: bool = False
     synthetic_yaw_deg: float = 45.0
+    synthetic_val: int = 200
     photo_per_batch: int = 2
     render_size: int = 112
     perceptual: bool = True

@@ -111,7 +111,7 @@ def prepare_data(cfg: RNetConfig, decoder: FaceDecoder, renderer: Renderer,
         split_file.write_text(json.dumps(split, indent=1))
     syn = D.SyntheticConfig(yaw_deg=cfg.synthetic_yaw_deg)
     pool = D.synthetic_pool(decoder, renderer, cfg.synthetic, cfg.seed, cache, cfg=syn)
-    pool_val = D.synthetic_pool(decoder, renderer, 200, cfg.seed + 12345, cache, cfg=syn)
+    pool_val = D.synthetic_pool(decoder, renderer, cfg.synthetic_val, cfg.seed + 12345, cache, cfg=syn)
     lp = None
     if cfg.large_pose and cfg.data:
         lp = turned_photos(cfg, cache, progress)
