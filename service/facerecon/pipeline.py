@@ -20,6 +20,7 @@ that need the engine's model and renderer); each stage's work lives in its own m
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import threading
@@ -365,7 +366,7 @@ class Reconstructor:
         return prepare_face(image, face, self.lm3d5, pil)
 
     def estimate(self, prepared: Sequence[PreparedFace], *, mode: Mode | None = None, refine: bool | None = None,
-                 share_identity: bool = False) -> Estimate:
+                 share_identity: bool = False, fit_config: FitConfig | None = None) -> Estimate:
         """Coefficients for a batch of prepared faces (one R-Net call for the whole batch).
 
         Args:
@@ -374,6 +375,7 @@ class Reconstructor:
             share_identity: the faces are one person: identity and albedo are aggregated (C-Net confidences when
                 installed, else the mean) and a fit shares them; otherwise each face is fitted on its own, exactly
                 as it would be alone.
+            fit_config: the fit's settings for this call (default: the engine's ``fit_config``).
 
         Raises:
             FaceReconError: an R-Net mode without an installed R-Net.
@@ -409,9 +411,9 @@ class Reconstructor:
                         p.skin = REFERENCE_GMM.probability(p.crop)
             with _timed(timings, "fit"):
                 if share_identity or len(prepared) == 1:
-                    results = [self._fit(prepared, init, share_identity)]
+                    results = [self._fit(prepared, init, share_identity, fit_config)]
                 else:
-                    results = [self._fit([p], None if init is None else init.index(i), False)
+                    results = [self._fit([p], None if init is None else init.index(i), False, fit_config)
                                for i, p in enumerate(prepared)]
             coeffs = Coefficients.cat([r.coefficients for r in results])
             errors = ([float(e) for r in results for e in r.landmark_error_start],
@@ -463,8 +465,8 @@ class Reconstructor:
             how = "mean"
         return aggregate_set(per_image, c_id, c_tex), how
 
-    def _fit(self, prepared: Sequence[PreparedFace], init: Coefficients | None, share_identity: bool
-             ) -> FitResult:
+    def _fit(self, prepared: Sequence[PreparedFace], init: Coefficients | None, share_identity: bool,
+             config: FitConfig | None = None) -> FitResult:
         import torch
 
         from facerecon.fit import FitConfig, FitTarget, fit
@@ -475,7 +477,7 @@ class Reconstructor:
         lm = torch.from_numpy(np.stack([p.lm68_crop for p in prepared])).float()
         skin = skin_attention(torch.from_numpy(np.stack([p.skin for p in prepared]))[:, None].float())
         target = FitTarget(image=image.to(self.device), landmarks=lm.to(self.device), skin=skin.to(self.device))
-        cfg = self.fit_config
+        cfg = config or self.fit_config
         if share_identity != cfg.share_identity:
             cfg = FitConfig(**{**cfg.__dict__, "share_identity": share_identity})
         return fit(self.decoder, self.renderer, target, init=init, config=cfg)
@@ -702,9 +704,10 @@ def _array(x: Any) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_only_torch() -> bool:
-    """The installed torch is a CPU build (its version says ``+cpu``), read from its metadata without importing it:
-    ``device=auto`` then means the CPU."""
+    """The installed torch is a CPU build (its version says ``+cpu``), read from its metadata without importing it
+    (once: reading the metadata takes about a millisecond): ``device=auto`` then means the CPU."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -1,14 +1,125 @@
-"""Install-time warm-up: load the default face model, decompress the shipped networks into the cache (so no start
-decompresses them again), and compile what compiles once (numba kernels of the rasteriser and the overlay, cached
-on disk), so the first request or CLI call does not pay for it. Safe to run any time: ``python -m
-facerecon.warmup``."""
+"""Warm-up, at install time and at service start.
+
+``python -m facerecon.warmup`` (install time, safe to run any time): load the default face model, decompress the
+shipped networks into the cache (so no start decompresses them again), and compile what compiles once (numba
+kernels of the rasteriser and the overlay, cached on disk), so the first request or CLI call does not pay for it.
+
+:func:`warm_up_engine` (service start, before ``/readyz`` turns ready): every stage the service's default mode uses
+runs once, so the first request pays no first-call costs (onnxruntime's first runs, the rasteriser's kernels,
+torch's autograd), at a fraction of a request's time: the fit runs a few steps (the same kernels as a full fit), not
+a whole fit. With the R-Net alone as the default (``refine=false``) it imports no torch: the networks run once on
+blank inputs and the mean face is decoded and exported with NumPy; the renderer (overlays, depth/normal maps,
+textures) then loads on the first request that asks for one.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from facerecon.pipeline import Reconstructor
 
 log = logging.getLogger("facerecon.warmup")
+
+#: Steps of the warm-up fit (landmark, photometric): enough to run every kernel of the fit once.
+WARMUP_FIT_STEPS = (2, 2)
+
+
+def synthetic_face_photo(rec: Any, size: int = 320) -> np.ndarray:
+    """A photo the detector finds a face in, made from the face model alone: the mean face, lit from the front and
+    above (plain ambient light is too flat for a HOG detector), over a dark grey background, ``(size, size, 3)``
+    uint8. Needs a real :class:`~facerecon.pipeline.Reconstructor` (its decoder and renderer: imports torch)."""
+    import torch
+
+    from facerecon.coefficients import Coefficients
+    from facerecon.geometry import Intrinsics
+    from facerecon.render.overlay import overlay_on_photo
+
+    c = Coefficients.zeros(rec.model.layout, 1, rec.device)
+    gamma = c.gamma.clone()
+    for ch in range(3):  # SH bands 1 (y) and 2 (z): light from above and in front
+        gamma[0, ch * 9 + 2] = 0.3
+        gamma[0, ch * 9 + 3] = 0.3
+    c = Coefficients(c.id, c.exp, c.tex, c.angle, gamma, c.trans)
+    with torch.no_grad():
+        decoded = rec.decoder(c)
+    f = rec.decoder.camera.focal * size / rec.decoder.camera.size * 0.6
+    intrinsics = Intrinsics(f, f, size / 2, size / 2, size, size)
+    background = np.full((size, size, 3), 60, np.uint8)
+    return overlay_on_photo(background, decoded.vertices_cam, rec.overlay_triangles, decoded.colors.clamp(0, 1),
+                            intrinsics, renderer=rec.renderer)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = (time.perf_counter() - t0) * 1000.0
+
+
+def warm_up_engine(rec: Reconstructor, image: np.ndarray | None = None) -> dict[str, float]:
+    """Run each stage of ``rec``'s default mode once, cheaply (module docstring); returns stage -> milliseconds.
+
+    Args:
+        image: a photo with a face (``settings.warmup_image``); default: :func:`synthetic_face_photo` when the
+            default mode fits, blank inputs for the R-Net alone.
+    """
+    from facerecon.coefficients import Coefficients
+    from facerecon.errors import NoFaceFound
+    from facerecon.export import export_mesh
+
+    mode = rec.mode_for()
+    t: dict[str, float] = {}
+    if mode != "rnet":
+        from facerecon.fit import FitConfig
+
+        with _timed(t, "renderer"):
+            rec.renderer.warmup()  # loads (or compiles and caches) the forward and gradient kernels
+        if image is None:
+            with _timed(t, "synthetic photo"):
+                image = synthetic_face_photo(rec)
+    if image is None:  # the R-Net alone, no photo given: each network and the NumPy decoding once, no torch
+        with _timed(t, "detect"):
+            rec.detector.detect(np.full((320, 320, 3), 128, np.uint8), "largest")  # the box networks
+            rec.detector.mesh.run(np.zeros((1, 192, 192, 3), np.float32))
+        if rec.rnet is not None:
+            with _timed(t, "rnet"):
+                out = rec.rnet.run(np.zeros((1, 3, 224, 224), np.float32))
+                coeffs = Coefficients.from_vector(np.asarray(out["coeffs"], np.float32), rec.card.layout)
+            with _timed(t, "decode+export"):
+                rec.np_decoder.landmarks(coeffs)
+                export_mesh(rec.mesh(rec.np_decoder.decode(coeffs)), "obj")
+        return t
+    with _timed(t, "detect"):
+        try:
+            face = rec.detect(image)[0]
+        except NoFaceFound:
+            log.warning("warm-up: no face detected in the warm-up photo; only detection was warmed up")
+            return t
+    with _timed(t, "prepare"):
+        prepared = rec.prepare(image, face)
+    with _timed(t, "estimate"):
+        steps = FitConfig(landmark_steps=WARMUP_FIT_STEPS[0], photo_steps=WARMUP_FIT_STEPS[1]) if mode != "rnet" \
+            else None
+        est = rec.estimate([prepared], mode=mode, fit_config=steps)
+    with _timed(t, "finish+json+export"):
+        r = rec.finish(prepared, est)
+        rec.to_json(r)
+        rec.export(r, "obj")
+    if mode != "rnet":
+        from facerecon.render.overlay import encode_png
+
+        with _timed(t, "overlay"):
+            encode_png(rec.overlay(image, r))
+    return t
 
 
 def main() -> None:

@@ -23,8 +23,6 @@ from facerecon.api.schemas import (
 )
 from facerecon.export import export_mesh, metres_per_unit
 from facerecon.imaging import DecodedPhoto
-from facerecon.render.maps import DEPTH_SCALE
-from facerecon.render.overlay import encode_png
 from facerecon.report import dense_map, face_result, reconstruct_response, set_item
 from facerecon.results import Reconstruction
 
@@ -48,6 +46,8 @@ class Output:
 def png_bytes(image: np.ndarray) -> bytes:
     """An overlay ``(H, W, 3) uint8`` as PNG (:func:`facerecon.render.overlay.encode_png`: about a third of
     Pillow's time at level 3, for a similar size)."""
+    from facerecon.render.overlay import encode_png  # the renderer's module (torch): loaded with the first PNG
+
     return encode_png(image)
 
 
@@ -128,6 +128,8 @@ def reconstruct_job(rec: ReconstructorLike, photo: DecodedPhoto, opts: Reconstru
         body = rec.map_pngs(recs, (fmt,))[fmt]  # type: ignore[index]
         timings.update(_merge_face_timings(recs))
         if fmt == "depth":
+            from facerecon.render.maps import DEPTH_SCALE
+
             headers["X-Depth-Scale"] = f"{DEPTH_SCALE:g}"
     elif fmt == "png":
         out = image

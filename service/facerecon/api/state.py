@@ -27,6 +27,7 @@ from facerecon.api.workers import InferencePool
 from facerecon.config import Settings
 from facerecon.errors import NoFaceFound
 from facerecon.imaging import load_image
+from facerecon.warmup import synthetic_face_photo
 
 if TYPE_CHECKING:
     from facerecon.detect import DetectedFace, Which
@@ -185,44 +186,30 @@ class ServiceState:
 
 
 # -- warm-up --------------------------------------------------------------------------------------------------------
-def synthetic_face_photo(rec: Any, size: int = 320) -> np.ndarray:
-    """A photo the detector finds a face in, made from the face model alone: the mean face, lit from the front and
-    above (plain ambient light is too flat for a HOG detector), over a dark grey background, ``(size, size, 3)``
-    uint8. Needs a real :class:`~facerecon.pipeline.Reconstructor` (its decoder and renderer)."""
-    import torch
-
-    from facerecon.coefficients import Coefficients
-    from facerecon.geometry import Intrinsics
-    from facerecon.render.overlay import overlay_on_photo
-
-    c = Coefficients.zeros(rec.model.layout, 1, rec.device)
-    gamma = c.gamma.clone()
-    for ch in range(3):  # SH bands 1 (y) and 2 (z): light from above and in front
-        gamma[0, ch * 9 + 2] = 0.3
-        gamma[0, ch * 9 + 3] = 0.3
-    c = Coefficients(c.id, c.exp, c.tex, c.angle, gamma, c.trans)
-    with torch.no_grad():
-        decoded = rec.decoder(c)
-    f = rec.decoder.camera.focal * size / rec.decoder.camera.size * 0.6
-    intrinsics = Intrinsics(f, f, size / 2, size / 2, size, size)
-    background = np.full((size, size, 3), 60, np.uint8)
-    return overlay_on_photo(background, decoded.vertices_cam, rec.overlay_triangles, decoded.colors.clamp(0, 1),
-                            intrinsics, renderer=rec.renderer)
-
-
 def warm_up(rec: ReconstructorLike, settings: Settings) -> None:
-    """One inference through every stage a request uses (detection, alignment, fitting/R-Net, decoding, export,
-    overlay), on ``settings.warmup_image`` or :func:`synthetic_face_photo`."""
-    renderer = getattr(rec, "renderer", None)
-    if renderer is not None and hasattr(renderer, "warmup"):
-        renderer.warmup()
+    """Before ``/readyz`` turns ready: the engine runs each stage of its default mode once, cheaply
+    (:func:`facerecon.warmup.warm_up_engine`: a short fit, not a whole one; no torch when the default is the R-Net
+    alone), on ``settings.warmup_image`` or a synthetic face photo; a stand-in reconstructor runs one whole
+    inference through what it has (detection, estimate, export, overlay, JSON)."""
+    from facerecon.pipeline import Reconstructor
+
+    photo = None
     if settings.warmup_image is not None:
         photo = load_image(settings.warmup_image, max_bytes=settings.max_upload_bytes,
                            max_pixels=settings.max_image_pixels)
-    elif hasattr(rec, "decoder") and hasattr(rec, "overlay_triangles"):
-        photo = synthetic_face_photo(rec)
-    else:  # a stand-in reconstructor: exercise what it has
-        photo = np.full((64, 64, 3), 128, np.uint8)
+    if isinstance(rec, Reconstructor):
+        from facerecon.warmup import warm_up_engine
+
+        timings = warm_up_engine(rec, photo)
+        log.info("warm-up (default mode %s): %s", rec.mode_for(),
+                 ", ".join(f"{k} {v:.0f} ms" for k, v in timings.items()))
+        return
+    renderer = getattr(rec, "renderer", None)
+    if renderer is not None and hasattr(renderer, "warmup"):
+        renderer.warmup()
+    if photo is None:  # a stand-in reconstructor: exercise what it has
+        photo = (synthetic_face_photo(rec) if hasattr(rec, "decoder") and hasattr(rec, "overlay_triangles")
+                 else np.full((64, 64, 3), 128, np.uint8))
     try:
         recs = rec.reconstruct(photo)
     except NoFaceFound:

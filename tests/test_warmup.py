@@ -1,0 +1,67 @@
+"""Start-up warm-up (issue #20): every stage of the default mode runs once before readiness, at a fraction of a
+request's cost; a service whose default is the R-Net alone becomes ready without importing torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _run(code: str) -> dict[str, object]:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_rnet_only_service_is_ready_without_torch() -> None:
+    """The service's own start-up path (ServiceState: load, warm-up, ready) with refine=false: ready, each network
+    and the NumPy decoding warmed, torch and the renderer never imported; the first request is then the R-Net's."""
+    got = _run(
+        "import json, sys, time\n"
+        "import numpy as np\n"
+        "from facerecon.api.state import ServiceState\n"
+        "from facerecon.config import Settings\n"
+        "state = ServiceState(Settings(refine=False, workers=1), None)\n"
+        "state.start()\n"
+        "t0 = time.monotonic()\n"
+        "while not state.ready and state.stage != 'failed' and time.monotonic() - t0 < 300:\n"
+        "    time.sleep(0.05)\n"
+        "rec = state.reconstructor\n"
+        "print(json.dumps({'ready': state.ready, 'stage': state.stage, 'warmup_ms': state.warmup_ms,\n"
+        "                  'mode': rec.mode_for(), 'torch': 'torch' in sys.modules,\n"
+        "                  'render': sorted(m for m in sys.modules if m.startswith('facerecon.render'))}))\n"
+    )
+    assert got["ready"] is True and got["stage"] == "ready", got
+    assert got["mode"] == "rnet" and float(got["warmup_ms"]) > 0  # type: ignore[arg-type]
+    assert got["torch"] is False and got["render"] == [], got
+
+
+def test_fitting_warm_up_runs_every_stage_with_a_short_fit() -> None:
+    """The default mode (R-Net + fit): the renderer's kernels, detection on a photo with a face, alignment, a fit of
+    a few steps, JSON, OBJ and the overlay all run; the fit is a few steps (far below a whole fit's 90)."""
+    got = _run(
+        "import json\n"
+        "import facerecon.fit as fit_module\n"
+        "from facerecon.pipeline import Reconstructor\n"
+        "from facerecon.warmup import WARMUP_FIT_STEPS, warm_up_engine\n"
+        "steps = []\n"
+        "real_fit = fit_module.fit\n"
+        "def counting_fit(*a, **k):\n"
+        "    r = real_fit(*a, **k)\n"
+        "    steps.append(len(r.history))\n"
+        "    return r\n"
+        "fit_module.fit = counting_fit\n"
+        "rec = Reconstructor()\n"
+        "t = warm_up_engine(rec)\n"
+        "print(json.dumps({'mode': rec.mode_for(), 'stages': sorted(t), 'steps': steps,\n"
+        "                  'expected': sum(WARMUP_FIT_STEPS)}))\n"
+    )
+    if got["mode"] == "rnet":
+        pytest.skip("the installed engine's default mode does not fit")
+    assert got["stages"] == sorted(["renderer", "synthetic photo", "detect", "prepare", "estimate",
+                                    "finish+json+export", "overlay"]), got
+    assert got["steps"] == [got["expected"]], got
