@@ -315,9 +315,28 @@ def test_typed_models_decode_embedded_files() -> None:
     assert rec.face.pose.roll == 3 and rec.face.landmarks68[0] == (1.0, 2.0)
 
 
+def _literal_error_codes(package: Path) -> dict[str, int]:
+    """``{code: status}`` of every ``error_response(<int>, "<code>", ...)`` / ``_reply(<int>, "<code>", ...)`` call
+    in the package's sources."""
+    import ast
+
+    found: dict[str, int] = {}
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or len(node.args) < 2:
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            status, code = node.args[:2]
+            if (name in ("error_response", "_reply") and isinstance(status, ast.Constant)
+                    and isinstance(code, ast.Constant) and isinstance(code.value, str)):
+                found[code.value] = int(status.value)
+    return found
+
+
 def test_every_error_code_the_service_emits_has_its_class_in_the_client() -> None:
     """The contract between the service's error classes and the SDK: every ``code`` the service can answer with
-    (its typed errors, the framework-level HTTP codes, the catch-all ``internal``) maps to a dedicated client class
+    (its typed errors, the framework-level HTTP codes, the codes its middlewares and HTTP protocol write as literals,
+    the catch-all ``internal``) maps to a dedicated client class
     with the same meaning (a 4xx is an InvalidInput, a 503 an Unavailable, a 504 a timeout, a 500 internal)."""
     import facerecon.api.errors as api_errors
     import facerecon.errors as engine_errors
@@ -337,6 +356,11 @@ def test_every_error_code_the_service_emits_has_its_class_in_the_client() -> Non
     assert {"overloaded", "no_face", "export_not_supported"} <= set(emitted)
     emitted |= {code: status for status, code in api_errors.HTTP_CODES.items()}
     emitted |= {"internal": 500, "http_error": 500}
+    # and the codes written as literals, ``error_response(status, "code", ...)`` (the app's middlewares) or
+    # ``self._reply(status, "code", ...)`` (the HTTP protocol's own answers), anywhere in the API package
+    literal = _literal_error_codes(Path(api_errors.__file__).parent)
+    assert {"header_timeout", "invalid_host", "internal"} <= set(literal), literal
+    emitted |= literal
     missing = sorted(set(emitted) - set(ERRORS_BY_CODE))
     assert not missing, f"client has no class for {missing}"
     for code, status in emitted.items():
