@@ -50,6 +50,10 @@ settings: ``Image.MAX_IMAGE_PIXELS`` (set to ``max_pixels``; callers should use 
 warnings filter (``warnings.catch_warnings`` is not thread-safe on Python 3.11: a race can at worst leave the
 "DecompressionBombWarning is an error" filter installed or drop it; the explicit header check of step 3 does
 not depend on either).
+
+Size: over 400 lines, a fifth of them this docstring: the decoding policy is one ordered procedure over untrusted
+bytes, and the header probe (:func:`probe_image`) and the decode share its limits, its downscaling rule and its
+typed errors, so every check a photo passes is read in one file.
 """
 
 from __future__ import annotations

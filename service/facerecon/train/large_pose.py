@@ -22,6 +22,9 @@ exact by construction: the turned head's identity, expression and pose coefficie
 Shapes: photos ``(H, W, 3)`` uint8, y down; camera-space points ``(x, y, d)`` with ``d = distance - z``
 (:class:`facerecon.decoder.DecodedFace`); intrinsics y up with pixel centres at ``u = col + 0.5``,
 ``v_up = H - (row + 0.5)`` (:mod:`facerecon.render.base`).
+
+Size: over 400 lines: one recipe (fit, turn, texture from the photo, remove the photo's head, re-detect, label)
+whose steps share the frames above and the cached pool's key; ``tests/test_large_pose.py`` checks it as a whole.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Weakly-supervised R-Net training: data for a run, batches, validation, the training loop."""
+"""Weakly-supervised R-Net training: data for a run, batches, validation, the training loop.
+
+Size: over 400 lines: a run's data (:class:`RunData`), the batch assembly (synthetic, turned and real rows, in that
+order), validation and the step loop all read one batch layout; the loop itself is a third of the module.
+"""
 
 from __future__ import annotations
 
