@@ -24,7 +24,8 @@ Shapes: photos ``(H, W, 3)`` uint8, y down; camera-space points ``(x, y, d)`` wi
 ``v_up = H - (row + 0.5)`` (:mod:`facerecon.render.base`).
 
 Size: over 400 lines: one recipe (fit, turn, texture from the photo, remove the photo's head, re-detect, label)
-whose steps share the frames above and the cached pool's key; ``tests/test_large_pose.py`` checks it as a whole.
+whose steps share the frames above and the cached pool's key (its steps tested in ``tests/test_large_pose.py``,
+the whole pool by the tiny training run of ``tests/test_train.py``).
 """
 
 from __future__ import annotations
