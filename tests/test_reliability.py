@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -122,11 +123,28 @@ def test_api_conforms_to_its_schema(api_schema: Any, mode: str) -> None:
 
 
 # -- load, memory and SIGTERM on a `facerecon serve` subprocess -----------------------------------------------------
+@pytest.fixture(scope="module")
+def _load_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], ServerProcess]]:
+    """One ``facerecon serve`` for the load test and then the SIGTERM test (a start costs seconds); a fresh one for
+    whichever test finds it gone (the SIGTERM test ends it)."""
+    with ExitStack() as stack:
+        current: list[ServerProcess] = []
+
+        def running() -> ServerProcess:
+            if not current or current[-1].proc.poll() is not None:
+                # One worker and a short queue: capacity 1 + 3 < the 6 concurrent clients, so the overload path is
+                # exercised.
+                current.append(stack.enter_context(serve_subprocess(
+                    tmp_path_factory.mktemp("serve"), workers=1, queue_size=3, graceful_timeout_s=90,
+                    request_timeout_s=120)))
+            return current[-1]
+
+        yield running
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    # One worker and a short queue: capacity 1 + 3 < the 6 concurrent clients, so the overload path is exercised.
-    with serve_subprocess(tmp_path, workers=1, queue_size=3, graceful_timeout_s=90, request_timeout_s=120) as srv:
-        yield srv
+def server(_load_servers: Callable[[], ServerProcess]) -> ServerProcess:
+    return _load_servers()
 
 
 @pytest.fixture(scope="module")
