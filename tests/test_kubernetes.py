@@ -130,8 +130,14 @@ def test_gpu_overlay_schedules_on_gpus() -> None:
     assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     env = _env(c)
     assert env["FACERECON_DEVICE"] == "cuda"
-    mounts = {m["mountPath"] for m in c["volumeMounts"]}
-    assert env["TORCH_EXTENSIONS_DIR"] in mounts, "nvdiffrast's build must land on a writable volume"
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert env["TORCH_EXTENSIONS_DIR"] in mounts, "nvdiffrast's plugin folder must be writable (torch's loader)"
+    # the plugin compiled into the image is copied onto that volume before the server starts
+    init = {i["name"]: i for i in pod["initContainers"]}["nvdiffrast-plugin"]
+    assert init["image"] == c["image"] == "facerecon:gpu"
+    assert "/app/.torch_extensions/." in " ".join(init["command"])
+    assert {m["name"] for m in init["volumeMounts"]} == {mounts[env["TORCH_EXTENSIONS_DIR"]]}
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
     assert sum(1 for e in c["env"] if e["name"] == "FACERECON_WORKERS") == 1, "the patch replaces, not appends"
 
 

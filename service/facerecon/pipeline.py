@@ -215,7 +215,14 @@ class Reconstructor:
                 # steps that moves a fit by ~1 %. One thread makes every reconstruction bit-reproducible (requests
                 # run concurrently in the service's workers instead).
                 torch.set_num_threads(self.settings.torch_threads)
-            self._device = resolve_device(self.settings.device)
+            device = resolve_device(self.settings.device)
+            if device.type != "cpu" and self._renderer is None:
+                # a GPU renderer is chosen (and warmed up) before anything lands on the device: when it cannot be
+                # used the CPU renderer serves instead, and torch with it (render.usable_renderer)
+                from facerecon.render import usable_renderer
+
+                self._renderer, device = usable_renderer(self.settings.renderer, device)
+            self._device = device
 
     @property
     def device(self) -> torch.device:
@@ -260,10 +267,11 @@ class Reconstructor:
         if self._renderer is None:
             with self._build_lock:
                 if self._renderer is None:
-                    from facerecon.render import get_renderer
+                    from facerecon.render import usable_renderer
 
                     self._torch_setup()
-                    self._renderer = get_renderer(self.settings.renderer, self._device)
+                    if self._renderer is None:
+                        self._renderer, self._device = usable_renderer(self.settings.renderer, self._device)
         return self._renderer
 
     def _renderer_name(self) -> str:

@@ -39,6 +39,7 @@ __all__ = [
     "RenderOutput",
     "Renderer",
     "get_renderer",
+    "usable_renderer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,3 +92,45 @@ def get_renderer(name: str = "auto", device: torch.device | str | None = None) -
             _renderers[cache_key] = renderer
             logger.info("renderer: %s", cache_key)
     return renderer
+
+
+def usable_renderer(name: str, device: torch.device) -> tuple[Renderer, torch.device]:
+    """The renderer to serve with and the torch device that goes with it: the engine's start-up choice.
+
+    nvdiffrast (asked for, or ``"auto"`` on a CUDA device) is created *and warmed up* here: its plugin is compiled
+    on first use, which fails without a compiler, the CUDA headers or the Python headers. When it cannot be used
+    (no CUDA, no nvdiffrast, a failed build) the CPU renderer is used instead with a logged warning, never a
+    service that does not become ready; the CPU renderer takes CPU tensors, so torch (decoder, fit, overlays,
+    textures) then runs on the CPU too, while the ONNX networks keep their own execution providers.
+
+    Args:
+        name: ``"auto"``, ``"cpu"`` or ``"nvdiffrast"`` (the ``renderer`` setting).
+        device: the torch device the settings resolve to.
+
+    Returns:
+        ``(renderer, device)``; ``device`` is the CPU whenever the renderer is the CPU one.
+
+    Raises:
+        ValueError: an unknown renderer name.
+    """
+    key = name.strip().lower()
+    if key not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown renderer {name!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    cpu = torch.device("cpu")
+    if key == "cpu" or (key == "auto" and device.type == "cpu"):
+        if device.type != "cpu":
+            logger.info("renderer 'cpu' takes CPU tensors: torch runs on the CPU (device %s not used)", device)
+        return get_renderer("cpu"), cpu
+    try:
+        if device.type != "cuda":
+            raise RuntimeError(f"the torch device is {device}, not CUDA")
+        renderer = get_renderer("nvdiffrast", device)
+        renderer.warmup()  # builds or loads the plugin, creates the CUDA context, draws one triangle
+        return renderer, device
+    except Exception as exc:  # ImportError, a failed plugin build (RuntimeError, OSError, CalledProcessError), ...
+        with _lock:
+            _renderers.pop(f"nvdiffrast:{device}", None)
+        logger.warning("renderer %r is unusable on %s (%s: %s); falling back to the CPU renderer, with torch on "
+                       "the CPU (the ONNX networks keep their providers)", name, device, type(exc).__name__,
+                       str(exc).splitlines()[0][:300] if str(exc) else "")
+        return get_renderer("cpu"), cpu

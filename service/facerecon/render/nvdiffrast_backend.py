@@ -50,7 +50,7 @@ from facerecon.render.base import (
     check_vertices,
 )
 
-__all__ = ["NvdiffrastRenderer", "clip_space", "nvdiffrast_status", "projection_matrix"]
+__all__ = ["NvdiffrastRenderer", "build_plugin", "clip_space", "nvdiffrast_status", "projection_matrix"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,39 @@ def _make_plugin_importable() -> None:
             sys.path.append(build_dir)
     except Exception:  # best effort only
         logger.debug("could not prepare the nvdiffrast plugin path", exc_info=True)
+
+
+def build_plugin() -> str:
+    """Compile nvdiffrast's CUDA plugin now (``docker build`` runs this: no GPU is needed to compile, only nvcc, a
+    C++ compiler, the Python headers and ninja), so the service never compiles at start-up; returns the build
+    folder (under ``TORCH_EXTENSIONS_DIR``). Set ``TORCH_CUDA_ARCH_LIST`` for the GPUs to serve on: without a GPU
+    torch cannot detect them.
+
+    Loading the built module needs the CUDA driver (``libcuda.so.1``), which an image build does not have: a load
+    failure after a successful compile is logged and ignored, and the service's first use only loads it.
+
+    Raises:
+        RuntimeError: the compile failed, or left no plugin library behind.
+    """
+    import glob
+    import os
+
+    import nvdiffrast
+    import nvdiffrast.torch.ops as ops
+    import torch.utils.cpp_extension as cpp_extension
+
+    _make_plugin_importable()
+    name = re.sub(r"\W|^(?=\d)", "_", f"nvdiffrast_plugin_{nvdiffrast.__version__}_torch{torch.__version__}")
+    build_dir = cpp_extension._get_build_directory(name, False)
+    try:
+        ops._get_plugin(gl=False)
+    except (ImportError, OSError) as exc:  # compiled, but cannot be loaded without a driver
+        logger.warning("nvdiffrast plugin built but not loaded here (%s)", exc)
+    libraries = glob.glob(os.path.join(build_dir, "*.so"))
+    if not libraries:
+        raise RuntimeError(f"the nvdiffrast plugin build left no library in {build_dir}")
+    logger.info("nvdiffrast plugin: %s", libraries[0])
+    return build_dir
 
 
 class NvdiffrastRenderer(Renderer):
