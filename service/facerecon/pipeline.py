@@ -13,6 +13,10 @@ Modes: with a trained R-Net installed for the face model (``models/<name>/rnet.j
 ``refine`` adds test-time fitting from its prediction; without one, fitting from the mean face is the quality path
 (the alignment already places the mean face on the photo) and this is said at start-up, never silently.
 
+Torch: the R-Net path (``refine=False``: detection, alignment, R-Net, the 68 landmarks, the JSON, mesh exports) runs
+on NumPy and onnxruntime alone (:class:`~facerecon.npdecode.NumpyDecoder`); torch, the torch face model, the
+renderer and the fit load on first use, each once (``tests/test_imports.py`` checks the import graph).
+
 Size: over 400 lines because it is the one place the stages are composed (four stages, the set path, and the outputs
 that need the engine's model and renderer); each stage's work lives in its own module.
 """
