@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,15 +54,6 @@ def synthetic_face_photo(rec: Any, size: int = 320) -> np.ndarray:
                             intrinsics, renderer=rec.renderer)
 
 
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[stage] = (time.perf_counter() - t0) * 1000.0
-
-
 def warm_up_engine(rec: Reconstructor, image: np.ndarray | None = None) -> dict[str, float]:
     """Run each stage of ``rec``'s default mode once, cheaply (module docstring); returns stage -> milliseconds.
 
@@ -75,6 +64,7 @@ def warm_up_engine(rec: Reconstructor, image: np.ndarray | None = None) -> dict[
     from facerecon.coefficients import Coefficients
     from facerecon.errors import NoFaceFound
     from facerecon.export import export_mesh
+    from facerecon.pipeline import _timed
 
     mode = rec.mode_for()
     t: dict[str, float] = {}
