@@ -395,10 +395,10 @@ def test_the_sdk_projects_the_mesh_with_the_photo_camera(url: str, n_vertices: i
     assert max(abs(p[0] - q[0]) + abs(p[1] - q[1]) for p, q in zip(some, given, strict=True)) < 0.1
 
 
-def test_the_sdk_gets_the_depth_and_normal_maps(url: str) -> None:
+def test_the_sdk_gets_the_depth_and_normal_maps(url: str, tmp_path: Path) -> None:
     """Sync and async: the per-face arrays (``include=depth,normals``: ``DenseMap.array()`` / ``metres()``) and the
-    photo-sized PNGs (``map()``), which hold the same values; the depth at the projected landmark vertices is their
-    camera depth."""
+    photo-sized PNGs (``map()``, the SDK's CLI ``--format depth``), which hold the same values; the depth at the
+    projected landmark vertices is their camera depth."""
     import numpy as np
     from PIL import Image
 
@@ -442,3 +442,8 @@ def test_the_sdk_gets_the_depth_and_normal_maps(url: str) -> None:
         c = [sum(cam.rotation[r][j] * verts[i][j] for j in range(3)) + cam.translation[r] for r in range(3)]
         close += abs(metres[round(y) - y0, round(x) - x0] - c[2] * 0.1) < 0.002
     assert close >= 0.9 * len(lm)
+    out = tmp_path / "depth.png"
+    assert client_cli([url, str(EXAMPLES / PHOTO), "--out", str(out), "--format", "depth", "--no-refine"]) == 0
+    assert out.read_bytes() == depth_png.data
+    with pytest.raises(SystemExit):  # a set has no single map
+        client_cli([url, str(EXAMPLES / PHOTO), str(EXAMPLES / PHOTO), "--out", str(out), "--format", "normals"])

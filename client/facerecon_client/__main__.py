@@ -1,9 +1,10 @@
 """``python -m facerecon_client URL photo.jpg [more.jpg ...] --out mesh.obj``
 
 The output's suffix picks what is asked for: ``.obj``/``.glb``/``.ply`` the mesh, ``.json`` the coefficients,
-landmarks and pose, ``.png`` the overlay. Several photos (or ``--set``) are reconstructed as one person: the
-identity mesh, or the set's JSON (``--on-missing skip`` leaves out a photo without a face). ``--out -`` writes to
-standard output (then say ``--format``).
+landmarks and pose, ``.png`` the overlay (``--format depth`` / ``--format normals``: the depth map, a 16-bit grey
+PNG with value / 10000 = metres, or the normal map, an RGB PNG). Several photos (or ``--set``) are reconstructed
+as one person: the identity mesh, or the set's JSON (``--on-missing skip`` leaves out a photo without a face).
+``--out -`` writes to standard output (then say ``--format``).
 
 ``--texture photo|albedo`` asks for a UV-textured mesh: a GLB holds its texture; a textured OBJ is three files,
 written beside each other as ``NAME.obj``, ``NAME.mtl`` and ``NAME.png`` for ``--out NAME.obj``, or kept as the
@@ -20,7 +21,8 @@ from pathlib import Path
 from facerecon_client.client import FaceReconClient, RetryPolicy
 from facerecon_client.errors import FaceReconClientError, ServiceError
 
-FORMATS = ("obj", "glb", "ply", "json", "png")
+FORMATS = ("obj", "glb", "ply", "json", "png", "depth", "normals")
+MAPS = ("depth", "normals")
 TEXTURES = ("none", "photo", "albedo")
 
 
@@ -29,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
     p.add_argument("photos", nargs="+", type=Path, help="photo file(s)")
     p.add_argument("--out", "-o", required=True, help="output file (suffix picks the format) or - for stdout")
-    p.add_argument("--format", choices=FORMATS, help="output format (default: from --out's suffix)")
+    p.add_argument("--format", choices=FORMATS,
+                   help="output format (default: from --out's suffix; depth and normals: the maps as PNG)")
     p.add_argument("--set", action="store_true", help="the photos show one person (implied by several photos)")
     p.add_argument("--faces", choices=["largest", "all"], default="largest")
     p.add_argument("--texture", choices=TEXTURES, default="none",
@@ -55,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     if fmt not in FORMATS:
         parser.error(f"cannot tell the format from --out {args.out!r}; add --format {{{','.join(FORMATS)}}}")
     is_set = args.set or len(args.photos) > 1
-    if is_set and fmt == "png":
-        parser.error("a set has no single overlay; ask for .json (per-photo results) or a mesh")
+    if is_set and fmt in ("png", *MAPS):
+        parser.error(f"a set has no single {'overlay' if fmt == 'png' else fmt + ' map'}; ask for .json "
+                     "(per-photo results) or a mesh")
     if args.texture != "none" and (is_set or fmt not in ("obj", "glb")):
         parser.error(f"--texture {args.texture} needs one photo and an .obj or .glb output")
     if args.on_missing is not None and not is_set:
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                 body = result.model_dump_json(indent=1).encode()
             elif fmt == "png":
                 body = c.overlay(args.photos[0], faces=args.faces, refine=args.refine).data
+            elif fmt in MAPS:
+                body = c.map(args.photos[0], fmt, faces=args.faces, refine=args.refine).data
             else:
                 mesh = c.mesh(args.photos[0], format=fmt, faces=args.faces, refine=args.refine, texture=args.texture)
                 body = mesh.data
