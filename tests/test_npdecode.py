@@ -100,3 +100,16 @@ def test_numpy_decoder_refuses_another_layout(ict_model) -> None:
     lay = CoefficientLayout(id=5, exp=4, tex=3)
     with pytest.raises(ValueError, match="layout"):
         nd.landmarks(Coefficients.from_vector(np.zeros((1, lay.total), np.float32), lay))
+
+
+def test_coefficients_pickle_and_copy_keep_their_kind_and_values() -> None:
+    """The batch engine's worker processes pickle results: NumPy coefficients stay NumPy, tensors stay tensors."""
+    import copy
+    import pickle
+
+    lay = CoefficientLayout(id=5, exp=4, tex=3)
+    v = np.random.default_rng(2).normal(size=(2, lay.total)).astype(np.float32)
+    for c in (Coefficients.from_vector(v, lay), Coefficients.from_vector(torch.from_numpy(v.copy()), lay)):
+        for other in (pickle.loads(pickle.dumps(c)), copy.deepcopy(c)):
+            assert other.is_numpy == c.is_numpy
+            assert np.array_equal(np.concatenate(other.arrays(), axis=1), v)
