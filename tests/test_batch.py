@@ -177,12 +177,13 @@ def test_local_engine_rows_and_outputs(collection: Path, local_run: tuple[Path, 
         assert {len(r[f"coef_{g}"]) for g in ("angle", "trans")} == {3}
 
 
-def test_local_engine_gives_the_pipelines_numbers(collection: Path, local_run: tuple[Path, Any, float]) -> None:
-    """The table holds what the bare pipeline computes for the same photo (here, in this process)."""
+def test_local_engine_gives_the_pipelines_numbers(collection: Path, local_run: tuple[Path, Any, float],
+                                                  reconstructor: Any) -> None:
+    """The table holds what the bare pipeline computes for the same photo (here, in this process: the session's
+    default engine, as the batch workers build it)."""
     from facerecon.imaging import load_image
-    from facerecon.pipeline import Reconstructor
 
-    rec = Reconstructor()
+    rec = reconstructor
     rows = _by_source(_rows(local_run[0]), collection)
     for rel in ("a/sub/000006.jpg", "group/trump_hillary.jpg"):
         faces = rec.reconstruct(load_image(collection / rel), which="all", refine=False)
