@@ -20,9 +20,14 @@ install:
 	$(BIN)/facerecon models check
 	$(BIN)/python -m facerecon.warmup
 
+# Two pytest-xdist workers (CI has two cores; a serial run keeps about one busy: servers, subprocesses and waits), one
+# test file per worker at a time, so module fixtures are built once; session fixtures (the engine, the live server)
+# once per worker. `TEST_WORKERS=0 make test` runs in one process.
+TEST_WORKERS ?= 2
+
 test:
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench:
 	$(BIN)/python -m bench
