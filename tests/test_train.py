@@ -267,3 +267,24 @@ def test_shipped_rnet_onnx_loads_back_into_torch_for_training() -> None:
     with torch.no_grad():
         out = net.eval()(torch.from_numpy(x)).numpy()
     assert np.abs(out - ref).max() < 1e-2 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_average_runs_is_the_weighted_mean_of_the_weights(tiny_run: dict[str, object], tmp_path: Path) -> None:
+    """``train average``: the averaged checkpoint is the weighted mean, weight for weight (a run averaged with a
+    perturbed copy of itself lands between them), and a bad weight list is refused."""
+    from facerecon.train.checkpoints import average_runs, load_checkpoint
+
+    run = Path(tiny_run["cfg"].out)  # type: ignore[attr-defined]
+    other = tmp_path / "other"
+    other.mkdir()
+    state = load_checkpoint(run / "checkpoint.pt")
+    moved = {k: (v + 1.0 if v.is_floating_point() else v) for k, v in state["model"].items()}
+    torch.save({"model": moved, "optimizer": {}, "step": 3}, other / "checkpoint.pt")
+    shutil.copy(run / "config.json", other / "config.json")
+    ckpt = average_runs([run, other], [0.75, 0.25], tmp_path / "avg")
+    avg = load_checkpoint(ckpt)["model"]
+    for k, v in state["model"].items():
+        if v.is_floating_point():
+            assert torch.allclose(avg[k], v + 0.25, atol=1e-5), k
+    with pytest.raises(ValueError):
+        average_runs([run, other], [0.5, 0.6], tmp_path / "bad")

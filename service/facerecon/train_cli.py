@@ -50,6 +50,14 @@ def _train_cnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_average(args: argparse.Namespace) -> int:
+    from facerecon.train.checkpoints import average_runs
+
+    weights = args.weights or [1.0 / len(args.runs)] * len(args.runs)
+    print(f"checkpoint: {average_runs(args.runs, weights, args.out)}")
+    return 0
+
+
 def _train_skin(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -184,6 +192,12 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     e.add_argument("--fit-photos", type=int, default=0, help="limit the fitted photos (0 = all)")
     e.add_argument("--photo-steps", type=int, default=30, help="photometric fitting steps")
     e.set_defaults(func=_train_eval)
+
+    a = sub.add_parser("average", help="average the R-Nets of runs weight for weight (e.g. a stage and its start)")
+    a.add_argument("runs", type=Path, nargs="+", help="run directories (the last one's config is kept)")
+    a.add_argument("--weights", type=float, nargs="+", default=None, help="one per run, summing to 1 (default: equal)")
+    a.add_argument("--out", type=Path, required=True, help="the averaged run's directory (export it with export-onnx)")
+    a.set_defaults(func=_train_average)
 
     x = subparsers.add_parser("export-onnx", help="export a training run's R-Net (and C-Net) for serving")
     x.add_argument("run_dir", type=Path)

@@ -113,3 +113,41 @@ def load_rnet_onnx_weights(net: ReconNet, onnx_path: Path, *, check: bool = True
         if err > 2e-2 * max(1.0, float(np.abs(ref).max())):
             raise ValueError(f"{onnx_path}: the loaded weights differ from the file's network by {err:.3g}")
         log.info("R-Net weights from %s (max difference to onnxruntime %.2g)", onnx_path, err)
+
+
+def average_runs(runs: list[Path], weights: list[float], out: Path) -> Path:
+    """A run whose R-Net is the weighted mean, weight for weight, of the runs' R-Nets (a "model soup": runs that
+    continue one another from the same weights, e.g. a stage and the stage it started from, average into a network
+    that keeps most of both; Wortsman et al., "Model soups", ICML 2022). ``out`` gets the checkpoint (no optimiser
+    state), the last run's config (with ``out`` set) and losses; returns the checkpoint path.
+
+    Raises:
+        ValueError: weights that do not match the runs or do not sum to 1, or runs with different networks.
+    """
+    import shutil
+
+    if len(runs) != len(weights) or len(runs) < 2 or abs(sum(weights) - 1.0) > 1e-6:
+        raise ValueError(f"need >= 2 runs and as many weights summing to 1, got {len(runs)} runs, {weights}")
+    states = [load_checkpoint(Path(r) / CHECKPOINT) for r in runs]
+    keys = set(states[0]["model"])
+    if any(set(s["model"]) != keys for s in states[1:]):
+        raise ValueError("the runs' networks differ (state-dict keys)")
+    mean: dict[str, torch.Tensor] = {}
+    for k, v in states[-1]["model"].items():
+        if v.is_floating_point():
+            mean[k] = sum(w * s["model"][k].float() for w, s in zip(weights, states, strict=True)).to(v.dtype)
+        else:
+            mean[k] = v
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    last = Path(runs[-1])
+    cfg = json.loads((last / "config.json").read_text())
+    cfg["out"] = str(out)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    for f in ("losses.csv", "split.json"):
+        if (last / f).is_file():
+            shutil.copy(last / f, out / f)
+    torch.save({"model": mean, "optimizer": {}, "step": int(states[-1]["step"]),
+                "averaged": {"runs": [str(r) for r in runs], "weights": list(weights)}}, out / CHECKPOINT)
+    log.info("averaged %s with weights %s into %s", [str(r) for r in runs], weights, out)
+    return out / CHECKPOINT
