@@ -4,6 +4,9 @@ generate the OpenAPI document users read (``/docs``, ``/openapi.json``), so ever
 Frames: photo coordinates are pixels, x right, **y down**, integer = pixel centre (as the engine). Angles are
 degrees in the responses (the coefficient vector keeps the model's radians). Mesh units are the face model's
 (decimetres for the shipped models).
+
+Size: over 400 lines: it is the whole public JSON contract in one place (the OpenAPI document is generated from
+it), mostly field declarations with their descriptions; splitting it would scatter one schema over files.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ than Pillow's level 1, which filters adaptively and takes twice as long).
 Frames: ``vertices_cam`` are camera-space ``(x, y, d)`` decimetres as everywhere in :mod:`facerecon.render`; the
 photo's :class:`~facerecon.geometry.Intrinsics` map them to the photo's own pixels (y up, pixel (c, r) centred at
 ``u = c + 0.5``, ``v_up = H0 - (r + 0.5)``; the alignment module provides them).
+
+Size: over 400 lines: the overlay's window, render-scale and edge-antialiasing steps (with the numba edge kernel
+they share) are one path whose pieces only make sense together, and the PNG encoder beside it is what every
+overlay is written with; the grey geometry view reuses the same window and composite helpers.
 """
 
 from __future__ import annotations
