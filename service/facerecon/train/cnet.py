@@ -22,7 +22,7 @@ from facerecon.render.base import Renderer
 from facerecon.skin import skin_attention
 from facerecon.train import data as D
 from facerecon.train.checkpoints import load_checkpoint, load_rnet, save_checkpoint
-from facerecon.train.config import CNET_CHECKPOINT, CNetConfig, _device, _rng
+from facerecon.train.config import CNET_CHECKPOINT, CNetConfig, _device, _rng, keeps_torch_threads
 from facerecon.train.rnet import _progress, _progress_bar, _to_tensor_images, real_photos
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ def _person_sets(real: D.RealSet, min_set: int) -> list[np.ndarray]:
     return [np.asarray(v) for _, v in sorted(groups.items()) if len(v) >= min_set]
 
 
+@keeps_torch_threads
 def train_cnet(cfg: CNetConfig, resume: bool = False) -> Path:
     """Train a C-Net on image sets with the R-Net of ``cfg.rnet_run`` frozen; returns the checkpoint path.
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -137,3 +139,23 @@ class CNetConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CNetConfig:
         return _from_known_fields(cls, d)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def keeps_torch_threads(fn: _F) -> _F:
+    """Run ``fn`` and give torch back the intra-op thread count it had: a training call may set its own
+    (``cfg.threads``), but the process's engine relies on its setting (one thread makes reconstructions
+    bit-reproducible; a set reconstructed after a 2-thread training run in the same process came out
+    order-dependent)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper  # type: ignore[return-value]

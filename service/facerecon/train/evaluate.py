@@ -29,6 +29,7 @@ from facerecon.render.base import Renderer
 from facerecon.skin import skin_attention
 from facerecon.train import data as D
 from facerecon.train.checkpoints import load_rnet
+from facerecon.train.config import keeps_torch_threads
 from facerecon.train.rnet import _to_tensor_images, landmark_errors, predict, prepare_data
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def _syn_report(decoder: FaceDecoder, vec: Tensor, true: Tensor) -> dict[str, fl
             "n": len(ve)}
 
 
+@keeps_torch_threads
 def evaluate_run(run_dir: Path, *, fit_photos: int = 16, photo_steps: int = 30, synthetic_n: int = 100,
                  threads: int = 0) -> dict[str, Any]:
     """All figures of the module docstring as a nested dict (also what ``facerecon train eval`` prints)."""

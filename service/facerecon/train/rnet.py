@@ -32,7 +32,7 @@ from facerecon.render.base import Renderer
 from facerecon.skin import skin_attention
 from facerecon.train import data as D
 from facerecon.train.checkpoints import build_rnet, load_checkpoint, load_rnet_onnx_weights, save_checkpoint
-from facerecon.train.config import CHECKPOINT, SUPERVISION_SCALES, RNetConfig, _device, _rng, lr_at
+from facerecon.train.config import CHECKPOINT, SUPERVISION_SCALES, RNetConfig, _device, _rng, keeps_torch_threads, lr_at
 from facerecon.train.large_pose import (
     LargePoseConfig,
     LargePosePool,
@@ -256,6 +256,7 @@ _LOSS_COLUMNS = ["step", "seconds", "lr", "total", "landmark", "coef", "gamma", 
                  "perceptual", "reflectance", "lm_px_real", "lm_px_syn", "lm_px_lp"]
 
 
+@keeps_torch_threads
 def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
     """Train (or resume) an R-Net; returns the checkpoint path. See the module docstring for the recipe."""
     out = Path(cfg.out)
