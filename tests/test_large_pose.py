@@ -25,7 +25,7 @@ def source(reconstructor):
     return photo, prepared, est.coefficients
 
 
-def _turned(reconstructor, coeffs, yaw_deg: float, pitch_deg: float | None = None):
+def _turned(coeffs, yaw_deg: float, pitch_deg: float | None = None):
     from facerecon.train.large_pose import LargePoseConfig, turn_head
 
     angle = coeffs.angle.clone()
@@ -40,7 +40,7 @@ def test_turn_keeps_the_pivot_and_sets_the_angle(reconstructor, source):
     from facerecon.train.large_pose import LargePoseConfig
 
     _, _, coeffs = source
-    turned = _turned(reconstructor, coeffs, 70.0, -15.0)
+    turned = _turned(coeffs, 70.0, -15.0)
     pivot = torch.tensor(LargePoseConfig().pivot)
     before = geometry.euler_to_rotation(coeffs.angle)[0] @ pivot + coeffs.trans[0]
     after = geometry.euler_to_rotation(turned.angle)[0] @ pivot + turned.trans[0]
@@ -89,7 +89,7 @@ def test_turned_photo_reads_as_turned_to_the_detector(reconstructor, source, yaw
 
     photo, prepared, coeffs = source
     k = prepared.alignment.photo_intrinsics()
-    turned = _turned(reconstructor, coeffs, yaw)
+    turned = _turned(coeffs, yaw)
     with torch.no_grad():
         before, after = reconstructor.decoder(coeffs), reconstructor.decoder(turned)
     tp = render_turned(photo, k, before, after, reconstructor.model.triangles, reconstructor.model.landmarks68,

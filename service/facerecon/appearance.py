@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from facerecon.geometry import points_in_polygon
+
 if TYPE_CHECKING:
     from facerecon.facemodel import FaceModel
     from facerecon.geometry import Camera
@@ -115,17 +117,6 @@ def _segment_distance(points: np.ndarray, line: np.ndarray) -> np.ndarray:
     return np.linalg.norm(points[:, None] - (a + t[..., None] * ab), axis=-1).min(axis=1)
 
 
-def _inside(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
-    """Even-odd test of ``points`` (M, 2) against the closed ``polygon`` (K, 2)."""
-    x, y = points[:, 0:1], points[:, 1:2]
-    x0, y0 = polygon[:, 0][None], polygon[:, 1][None]
-    x1, y1 = np.roll(polygon[:, 0], -1)[None], np.roll(polygon[:, 1], -1)[None]
-    crosses = (y0 > y) != (y1 > y)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        xi = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
-    return np.asarray(((crosses & (x < xi)).sum(axis=1) % 2) == 1)
-
-
 def feature_regions(model: FaceModel) -> FeatureRegions:
     """The feature regions of ``model`` (module docstring), from its mean shape (x right, y up, z towards the
     camera), its 68 landmark vertices (iBUG order) and, when it has them, its ``vertex_region`` parts."""
@@ -170,11 +161,11 @@ def feature_regions(model: FaceModel) -> FeatureRegions:
         add("eye_whites", (eyeball & ~iris).astype(np.float64))
         add("irises", iris.astype(np.float64))
     else:
-        eyes = (_inside(xy, lm[36:42, :2]) | _inside(xy, lm[42:48, :2])) & front
+        eyes = (points_in_polygon(xy, lm[36:42, :2]) | points_in_polygon(xy, lm[42:48, :2])) & front
         add("eyes", eyes.astype(np.float64))
     outer, inner = lm[48:60, :2], lm[60:68, :2]
-    in_inner = _inside(xy, inner)
-    in_lips = _inside(xy, outer) & ~in_inner & surface
+    in_inner = points_in_polygon(xy, inner)
+    in_lips = points_in_polygon(xy, outer) & ~in_inner & surface
     edge = np.exp(-((_segment_distance(xy, np.vstack([outer, outer[:1]])) / (LIP_EDGE_IOD * iod)) ** 2))
     add("lips", in_lips + 0.5 * edge * surface, core=in_lips)
     mouth = part("mouth_socket")

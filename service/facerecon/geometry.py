@@ -261,3 +261,15 @@ def sh_shading(albedo: Tensor, normals: Tensor, gamma: Tensor, init_light: float
     y = sh_basis(normals)  # (B, N, 9)
     irradiance = torch.einsum("bnk,bck->bnc", y, g)
     return albedo * irradiance
+
+
+def points_in_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Even-odd test of ``points`` ``(M, 2)`` against the closed ``polygon`` ``(K, 2)`` (any consistent 2D frame) ->
+    ``(M,)`` bool."""
+    x, y = points[:, 0:1], points[:, 1:2]
+    x0, y0 = polygon[:, 0][None], polygon[:, 1][None]
+    x1, y1 = np.roll(polygon[:, 0], -1)[None], np.roll(polygon[:, 1], -1)[None]
+    crosses = (y0 > y) != (y1 > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xi = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+    return np.asarray(((crosses & (x < xi)).sum(axis=1) % 2) == 1)

@@ -357,7 +357,7 @@ def _blend(values: np.ndarray, corners: np.ndarray, bary: np.ndarray) -> np.ndar
     return (bary[:, 0:1] * v[corners[:, 0]] + bary[:, 1:2] * v[corners[:, 1]] + bary[:, 2:3] * v[corners[:, 2]])
 
 
-def _bilinear(image: np.ndarray, col: np.ndarray, row: np.ndarray) -> np.ndarray:
+def bilinear(image: np.ndarray, col: np.ndarray, row: np.ndarray) -> np.ndarray:
     """Bilinear samples of ``image (H, W, C)`` at continuous ``(col, row)`` ``(P,)`` with pixel centres at integers,
     clamped at the border; ``(P, C)`` float64."""
     h, w = image.shape[:2]
@@ -388,7 +388,7 @@ def sample_texture(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     col = uv[:, 0] * w - 0.5
     row = (1.0 - uv[:, 1]) * h - 0.5
-    return _bilinear(image, col, row)
+    return bilinear(image, col, row)
 
 
 def push_pull(values: np.ndarray, known: np.ndarray) -> np.ndarray:
@@ -660,7 +660,7 @@ def photo_texture(
     values = np.zeros((n_texels, 3))
     conf = np.full(n_texels, CONF_FILLED, np.uint8)
     col, row = vis.project(points[seen])
-    values[seen] = _bilinear(photo, col, row)
+    values[seen] = bilinear(photo, col, row)
     conf[seen] = CONF_VISIBLE
     model_lit = _blend(lit, corners, raster.bary)
 
@@ -674,7 +674,7 @@ def photo_texture(
         idx = todo[m_seen]
         col, row = vis.project(m_points[m_seen])
         ratio = model_lit[idx].clip(5.0) / _blend(lit, m_corners[m_seen], m_bary[m_seen]).clip(5.0)
-        values[idx] = _bilinear(photo, col, row) * np.clip(ratio, 0.5, 2.0)
+        values[idx] = bilinear(photo, col, row) * np.clip(ratio, 0.5, 2.0)
         conf[idx] = CONF_MIRRORED
     t3 = time.perf_counter()
 

@@ -52,6 +52,7 @@ from facerecon.facemodel.format import (
     save_face_model,
     sha256_file,
 )
+from facerecon.geometry import points_in_polygon
 
 log = logging.getLogger(__name__)
 
@@ -176,17 +177,6 @@ def _triangulate(polys: list[list[int]]) -> np.ndarray:
     return np.asarray(tris, np.int64)
 
 
-def _point_in_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
-    """Even-odd test of ``points`` (M, 2) against a closed ``polygon`` (K, 2)."""
-    x, y = points[:, 0:1], points[:, 1:2]
-    x0, y0 = polygon[:, 0][None], polygon[:, 1][None]
-    x1, y1 = np.roll(polygon[:, 0], -1)[None], np.roll(polygon[:, 1], -1)[None]
-    crosses = (y0 > y) != (y1 > y)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        xi = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
-    return ((crosses & (x < xi)).sum(axis=1) % 2) == 1
-
-
 def _polyline_distance(points: np.ndarray, line: np.ndarray, samples: int = 20) -> np.ndarray:
     """Distance of ``points`` (M, 2) to the polyline through ``line`` (K, 2) (dense sampling)."""
     t = np.linspace(0.0, 1.0, samples, endpoint=False)[:, None]
@@ -253,7 +243,7 @@ def albedo_space(
 
     # Lips: inside the outer lip contour, outside the inner one, front-facing, soft edge.
     outer, inner = lm[48:60, :2], lm[60:68, :2]
-    in_lips = _point_in_polygon(xy, outer) & ~_point_in_polygon(xy, inner) & front & is_region["face"]
+    in_lips = points_in_polygon(xy, outer) & ~points_in_polygon(xy, inner) & front & is_region["face"]
     lip_edge = np.exp(-((_polyline_distance(xy, np.vstack([outer, outer[:1]])) / 0.25) ** 2))
     lips = np.clip(in_lips + lip_edge * (front & is_region["face"]) * 0.5, 0.0, 1.0)
     # Brows: near the brow polylines.

@@ -51,7 +51,7 @@ from facerecon.errors import NoFaceFound
 from facerecon.fit import FitConfig, FitTarget, fit
 from facerecon.geometry import Intrinsics
 from facerecon.render.base import Renderer
-from facerecon.texture import push_pull
+from facerecon.texture import bilinear, push_pull
 
 log = logging.getLogger(__name__)
 
@@ -119,23 +119,9 @@ def _sub_intrinsics(k: Intrinsics, c0: int, r0: int, c1: int, r1: int) -> Intrin
     return Intrinsics(k.fx, k.fy, k.cx - c0, k.cy - (k.height - r1), max(c1 - c0, 1), max(r1 - r0, 1))
 
 
-def _bilinear(image: np.ndarray, col: np.ndarray, row: np.ndarray) -> np.ndarray:
-    """``image (H, W, C)`` sampled at continuous ``(col, row)`` (pixel centres at integers, clamped) -> ``(P, C)``."""
-    h, w = image.shape[:2]
-    col = np.clip(col, 0.0, w - 1.001)
-    row = np.clip(row, 0.0, h - 1.001)
-    c0 = np.floor(col).astype(np.int64)
-    r0 = np.floor(row).astype(np.int64)
-    fc, fr = (col - c0)[:, None], (row - r0)[:, None]
-    img = image.astype(np.float32)
-    top = img[r0, c0] * (1 - fc) + img[r0, c0 + 1] * fc
-    bot = img[r0 + 1, c0] * (1 - fc) + img[r0 + 1, c0 + 1] * fc
-    return top * (1 - fr) + bot * fr
-
-
 def _facing(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
-    """Cosine between camera-frame... world normals and the direction to the camera (camera at x = y = d = 0;
-    world z = distance - d, so the direction is ``(-x, -y, d)`` in world axes)."""
+    """Cosine between world-frame ``normals`` and the direction from camera-space ``points`` to the camera (camera
+    at x = y = d = 0; world z = distance - d, so that direction is ``(-x, -y, d)`` in world axes)."""
     view = np.stack([-points[:, 0], -points[:, 1], points[:, 2]], axis=1)
     view /= np.linalg.norm(view, axis=1, keepdims=True).clip(1e-12)
     n = normals / np.linalg.norm(normals, axis=1, keepdims=True).clip(1e-12)
@@ -214,7 +200,7 @@ def render_turned(photo: np.ndarray, k: Intrinsics, before: DecodedFace, after: 
     n0 = blend(before.normals_world[0].detach().cpu().numpy().astype(np.float64))
     ok, col, row = seen(p0, n0, depth_tol, min_facing)
     rgb = np.zeros((len(p0), 3), np.float32)
-    rgb[ok] = _bilinear(window, col[ok], row[ok])
+    rgb[ok] = bilinear(window, col[ok], row[ok])
     # its mirror image (model x -> -x), posed as in the photo
     rot0 = before.rotation[0].detach().cpu().numpy().astype(np.float64)
     world0 = before.vertices_world[0].detach().cpu().numpy().astype(np.float64)
@@ -228,7 +214,7 @@ def render_turned(photo: np.ndarray, k: Intrinsics, before: DecodedFace, after: 
     nm = (blend(before.normals[0].detach().cpu().numpy().astype(np.float64)) * flip) @ rot0.T
     okm, colm, rowm = seen(pm, nm, mirror_tol, min_facing + 0.05)
     okm &= ~ok
-    rgb[okm] = _bilinear(window, colm[okm], rowm[okm])
+    rgb[okm] = bilinear(window, colm[okm], rowm[okm])
     # the rest: the model's lit colour, gain-matched to the photo-textured pixels
     rest = ~(ok | okm)
     model_rgb = blend(after.colors[0].detach().cpu().numpy().astype(np.float64)).clip(0, 1) * 255.0
