@@ -306,6 +306,9 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
     n_syn = cfg.batch if (cfg.synthetic_only or rd.train is None) else round(cfg.batch * cfg.synthetic_fraction)
     n_lp = round(cfg.batch * cfg.large_pose_fraction) if rd.large_pose is not None and n_syn < cfg.batch else 0
     n_real = cfg.batch - n_syn - n_lp
+    if n_real < 0:
+        raise ValueError(f"synthetic_fraction {cfg.synthetic_fraction} + large_pose_fraction "
+                         f"{cfg.large_pose_fraction} leave no room in a batch of {cfg.batch}")
     n_sup = n_syn + n_lp  # the supervised rows come first: synthetic, then turned real photos
     n_photo = min(cfg.photo_per_batch, n_real) if use_photo else 0
     loss_csv = out / "losses.csv"
