@@ -20,10 +20,10 @@ install:
 	$(BIN)/facerecon models check
 	$(BIN)/python -m facerecon.warmup
 
-# Two pytest-xdist workers (CI has two cores; a serial run keeps about one busy: servers, subprocesses and waits), one
-# test file per worker at a time, so module fixtures are built once; session fixtures (the engine, the live server)
-# once per worker. `TEST_WORKERS=0 make test` runs in one process.
-TEST_WORKERS ?= 2
+# One process by default: with two pytest-xdist workers (`TEST_WORKERS=2 make test`, a test file per worker, ~5:30
+# instead of ~7:45 on CI) test_pipeline's set-order test failed in 2 of 5 runs (identity 1-3 % order-dependent in a
+# worker that had run other files first; cause not found yet), so the parallel run is opt-in until it is.
+TEST_WORKERS ?= 0
 
 test:
 	$(BIN)/ruff check .
