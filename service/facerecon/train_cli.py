@@ -30,7 +30,8 @@ def _train_rnet(args: argparse.Namespace) -> int:
         seed=args.seed, threads=args.threads, device=args.device, cache_dir=str(args.cache_dir or ""),
         max_real=args.max_real, time_limit_s=args.time_limit * 60.0, progress=not args.no_progress,
         large_pose=args.large_pose, large_pose_fraction=args.large_pose_fraction,
-        init_from=str(args.init_from or ""),
+        init_from=str(args.init_from or ""), identity_pairs=args.identity_pairs,
+        identity_weight=args.identity_weight,
     )
     ckpt = train_rnet(cfg, resume=args.resume)
     print(f"checkpoint: {ckpt}")
@@ -148,6 +149,10 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     r.add_argument("--init-from", type=Path, default=None, metavar="WEIGHTS",
                    help="start from a shipped rnet.onnx (e.g. models/ict/rnet.onnx: training continues from the "
                         "shipped weights) or another run's checkpoint.pt; weights only, new optimiser and schedule")
+    r.add_argument("--identity-pairs", type=int, default=0, metavar="P",
+                   help="P people with two photos each among every batch's real rows, their identity coefficients "
+                        "held together (InfoNCE on the cosine); 0: off")
+    r.add_argument("--identity-weight", type=float, default=0.02, help="weight of that identity term")
     r.add_argument("--photo-per-batch", type=int, default=2, help="real images per batch with photometric loss")
     r.add_argument("--render-size", type=int, default=112, choices=[56, 112, 224])
     r.add_argument("--no-perceptual", action="store_true")

@@ -42,7 +42,9 @@ class RNetConfig:
     ``synthetic_val`` held-out synthetic faces (their own seed) validate the pose and ``train eval`` reads them;
     ``large_pose`` training photos are turned to large yaw (:mod:`facerecon.train.large_pose`) and make up
     ``large_pose_fraction`` of every batch; ``init_from`` starts the network from another run's checkpoint (its
-    weights only: a new optimiser and schedule).
+    weights only: a new optimiser and schedule); ``identity_pairs`` people with two photos each among every batch's
+    real rows, their identity coefficients held together by
+    :func:`facerecon.train.rnet.identity_contrast_loss` (weight ``identity_weight``, ``identity_temperature``).
     """
 
     data: list[str]
@@ -80,6 +82,9 @@ class RNetConfig:
     large_pose: int = 0
     large_pose_fraction: float = 0.25
     init_from: str = ""
+    identity_pairs: int = 0
+    identity_weight: float = 0.02
+    identity_temperature: float = 0.1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RNetConfig:

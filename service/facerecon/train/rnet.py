@@ -56,6 +56,34 @@ def supervision_loss(pred: Coefficients, true: Coefficients, groups: tuple[str, 
 LARGE_POSE_GROUPS = ("id", "exp", "angle")
 
 
+def identity_contrast_loss(ids: Tensor, pairs: int, temperature: float = 0.1) -> Tensor:
+    """Same-person consistency of identity coefficients (InfoNCE over the batch's real rows).
+
+    ``ids (N, K_id)``: identity coefficients of the real rows, the first ``2 * pairs`` of them photos of ``pairs``
+    people, two each (rows ``2p`` and ``2p + 1``); the other rows are random photos (other people, negatives only).
+    Each paired row must find its partner among all the other rows by the cosine of their identity vectors (the
+    measure ``eval.consistency`` reports as the identity AUC): cross entropy of ``cos / temperature``. The paper's
+    identity consistency over a set comes from its C-Net and shared fit; this term asks the single-photo R-Net for
+    it directly, on people of the training split only.
+    """
+    z = torch.nn.functional.normalize(ids.float(), dim=1)
+    sim = z @ z.T / temperature
+    sim = sim - torch.eye(len(z), device=z.device, dtype=z.dtype) * 1e4  # never oneself
+    rows = torch.arange(2 * pairs, device=z.device)
+    partner = rows ^ 1
+    return torch.nn.functional.cross_entropy(sim[rows], partner)
+
+
+def paired_people(identity: list[str]) -> list[np.ndarray]:
+    """Row indices of each person with at least two photos, for :func:`identity_contrast_loss`. Labels that are
+    only digits are not people (AFW / HELEN name faces by photo id: two faces of one group photo share it)."""
+    by: dict[str, list[int]] = {}
+    for i, ident in enumerate(identity):
+        if ident and not ident.isdigit():
+            by.setdefault(ident, []).append(i)
+    return [np.asarray(v) for v in by.values() if len(v) >= 2]
+
+
 @dataclass
 class RunData:
     train: D.RealSet | None
@@ -237,12 +265,16 @@ def _large_pose_batch(rd: RunData, n: int, rng: np.random.Generator, device: tor
             torch.from_numpy(rd.large_pose.lm68[ix]).to(device))
 
 
-def _real_batch(rd: RunData, n: int, rng: np.random.Generator, device: torch.device, augment: bool
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _real_batch(rd: RunData, n: int, rng: np.random.Generator, device: torch.device, augment: bool,
+                people: list[np.ndarray] | None = None, pairs: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``n`` real photos: images ``(n, 3, 224, 224)``, skin attention ``(n, 1, 224, 224)``, landmarks, and the
-    landmarks' weights ``(n, 68)``."""
+    landmarks' weights ``(n, 68)``; with ``pairs``, the first ``2 * pairs`` rows are two photos each of that many
+    people drawn from ``people`` (:func:`paired_people`)."""
     assert rd.train is not None and rd.train.lm_weight is not None
     ix = rng.integers(0, len(rd.train), size=n)
+    if pairs and people:
+        for p, who in enumerate(rng.choice(len(people), size=pairs, replace=False)):
+            ix[2 * p: 2 * p + 2] = rng.choice(people[who], size=2, replace=False)
     img = _to_tensor_images(rd.train.images[ix], device)
     skin = torch.from_numpy(rd.train.skin[ix]).to(device)[:, None].float().div_(255.0)
     lm = torch.from_numpy(rd.train.lm68[ix]).to(device)
@@ -253,7 +285,7 @@ def _real_batch(rd: RunData, n: int, rng: np.random.Generator, device: torch.dev
 
 
 _LOSS_COLUMNS = ["step", "seconds", "lr", "total", "landmark", "coef", "gamma", "supervision", "photo",
-                 "perceptual", "reflectance", "lm_px_real", "lm_px_syn", "lm_px_lp"]
+                 "perceptual", "reflectance", "identity", "lm_px_real", "lm_px_syn", "lm_px_lp"]
 
 
 @keeps_torch_threads
@@ -311,6 +343,11 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
                          f"{cfg.large_pose_fraction} leave no room in a batch of {cfg.batch}")
     n_sup = n_syn + n_lp  # the supervised rows come first: synthetic, then turned real photos
     n_photo = min(cfg.photo_per_batch, n_real) if use_photo else 0
+    people = paired_people(rd.train.identity) if (cfg.identity_pairs and n_real and rd.train is not None) else []
+    n_pairs = min(cfg.identity_pairs, n_real // 2, len(people))
+    if cfg.identity_pairs and not n_pairs:
+        log.warning("identity_pairs=%d but no training person has two photos (or no real rows): term off",
+                    cfg.identity_pairs)
     loss_csv = out / "losses.csv"
     new_csv = not loss_csv.is_file() or step == 0
     fh = open(loss_csv, "w" if new_csv else "a", newline="")  # noqa: SIM115 (closed in the finally below)
@@ -335,7 +372,7 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
                 lp_img, lp_vec, lp_lm = _large_pose_batch(rd, n_lp, rng, device)
                 parts.append(lp_img)
             if n_real:
-                r_img, r_skin, r_lm, r_lw = _real_batch(rd, n_real, rng, device, cfg.augment)
+                r_img, r_skin, r_lm, r_lw = _real_batch(rd, n_real, rng, device, cfg.augment, people, n_pairs)
                 parts.append(r_img)
             images = torch.cat(parts)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
@@ -358,12 +395,15 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
                                           Coefficients.from_vector(lp_vec, model.layout), LARGE_POSE_GROUPS)
                 sup = (n_syn * sup + n_lp * lp_sup) / n_sup
             total = w.landmark * lm_loss + cfg.coef_supervision * sup
-            coef = gam = photo = per = refl = vec.new_zeros(())
+            coef = gam = photo = per = refl = ident = vec.new_zeros(())
             if n_real:
                 c_real = Coefficients.from_vector(vec[n_sup:], model.layout)
                 coef = losses.coefficient_loss(c_real.id, c_real.exp, c_real.tex, w)
                 gam = losses.gamma_loss(c_real.gamma)
                 total = total + w.coef * coef + w.gamma * gam
+                if n_pairs:
+                    ident = identity_contrast_loss(c_real.id, n_pairs, cfg.identity_temperature)
+                    total = total + cfg.identity_weight * ident
             if n_photo:
                 c_ph = Coefficients.from_vector(vec[n_sup: n_sup + n_photo], model.layout)
                 # the photo subset's rendered terms (the landmark and prior terms are taken over the whole batch
@@ -381,7 +421,8 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
             row = {"step": step, "seconds": round(time.perf_counter() - t0, 3), "lr": opt.param_groups[0]["lr"],
                    "total": total.item(), "landmark": lm_loss.item(), "coef": coef.item(), "gamma": gam.item(),
                    "supervision": sup.item(), "photo": photo.item(), "perceptual": per.item(),
-                   "reflectance": refl.item(), "lm_px_real": err[n_sup:].mean().item() if n_real else float("nan"),
+                   "reflectance": refl.item(), "identity": ident.item(),
+                   "lm_px_real": err[n_sup:].mean().item() if n_real else float("nan"),
                    "lm_px_syn": err[:n_syn].mean().item(),
                    "lm_px_lp": err[n_syn:n_sup].mean().item() if n_lp else float("nan")}
             writer.writerow([f"{row[k]:.6g}" if isinstance(row[k], float) else row[k] for k in _LOSS_COLUMNS])
