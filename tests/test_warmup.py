@@ -65,3 +65,45 @@ def test_fitting_warm_up_runs_every_stage_with_a_short_fit() -> None:
     assert got["stages"] == sorted(["renderer", "synthetic photo", "detect", "prepare", "estimate",
                                     "finish+json+export", "overlay"]), got
     assert got["steps"] == [got["expected"]], got
+
+
+def test_a_fitting_service_is_ready_before_torch_and_warms_the_fit_next() -> None:
+    """Default mode R-Net + fit with ``warmup_fit_after_ready``: the warm-up before readiness is the torch-free R-Net
+    path (torch not imported when it ends), /readyz's state says the fit is warming, then the fit's warm-up runs
+    (torch, the renderer, a short fit) and the state says nothing is warming; with the setting off, readiness
+    waits for the fit."""
+    got = _run(
+        "import json, sys, time\n"
+        "import facerecon.api.state as st\n"
+        "from facerecon.config import Settings\n"
+        "calls = []\n"
+        "real = st.warm_up\n"
+        "def recording(rec, settings, mode=None):\n"
+        "    real(rec, settings, mode)\n"
+        "    calls.append([mode, 'torch' in sys.modules])\n"
+        "st.warm_up = recording\n"
+        "out = {}\n"
+        "for later in (True, False):\n"
+        "    calls.clear()\n"
+        "    state = st.ServiceState(Settings(workers=1, warmup_fit_after_ready=later), None)\n"
+        "    state.start()\n"
+        "    t0 = time.monotonic()\n"
+        "    while not state.ready and state.stage != 'failed' and time.monotonic() - t0 < 300:\n"
+        "        time.sleep(0.01)\n"
+        "    at_ready = {'warming': list(state.warming), 'calls': [list(c) for c in calls]}\n"
+        "    while state.warming and time.monotonic() - t0 < 300:\n"
+        "        time.sleep(0.05)\n"
+        "    out[str(later)] = {'at_ready': at_ready, 'mode': state.reconstructor.mode_for(),\n"
+        "                       'calls': calls[:], 'warming': state.warming, 'fit_ms': state.fit_warmup_ms,\n"
+        "                       'stage': state.stage}\n"
+        "print(json.dumps(out))\n"
+    )
+    later, before = got["True"], got["False"]
+    if later["mode"] == "rnet":  # type: ignore[index]
+        pytest.skip("the installed engine's default mode does not fit")
+    assert later["at_ready"]["calls"] == [["rnet", False]], later  # type: ignore[index]
+    assert later["at_ready"]["warming"] == ["fit"], later  # type: ignore[index]
+    assert later["calls"] == [["rnet", False], [None, True]] and later["warming"] == [], later  # type: ignore[index]
+    assert float(later["fit_ms"]) > 0 and later["stage"] == "ready", later  # type: ignore[index,arg-type]
+    assert before["at_ready"] == {"warming": [], "calls": [[None, True]]}, before  # type: ignore[index]
+    assert before["fit_ms"] is None, before  # type: ignore[index]

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     graceful_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish before the server exits")
     warmup: bool = Field(True, description="run one inference at start-up before /readyz turns ready")
+    warmup_fit_after_ready: bool = Field(
+        True, description="with a default mode that fits: /readyz turns ready once the R-Net path (detection, R-Net, "
+                          "JSON, mesh exports) is warm, and the fit's parts (torch, the renderer, overlays) warm up "
+                          "right after, in the background; requests that need them meanwhile wait for them (false: "
+                          "ready only when everything is warm)")
     warmup_image: Path | None = Field(
         None, description="photo for the warm-up inference (default: a face rendered from the model's mean)")
 

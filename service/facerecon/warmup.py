@@ -22,6 +22,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from facerecon.pipeline import Reconstructor
+    from facerecon.results import Mode
 
 log = logging.getLogger("facerecon.warmup")
 
@@ -54,19 +55,23 @@ def synthetic_face_photo(rec: Any, size: int = 320) -> np.ndarray:
                             intrinsics, renderer=rec.renderer)
 
 
-def warm_up_engine(rec: Reconstructor, image: np.ndarray | None = None) -> dict[str, float]:
-    """Run each stage of ``rec``'s default mode once, cheaply (module docstring); returns stage -> milliseconds.
+def warm_up_engine(rec: Reconstructor, image: np.ndarray | None = None, mode: Mode | None = None
+                   ) -> dict[str, float]:
+    """Run each stage of ``mode`` (default: ``rec``'s default mode) once, cheaply (module docstring); returns
+    stage -> milliseconds.
 
     Args:
         image: a photo with a face (``settings.warmup_image``); default: :func:`synthetic_face_photo` when the
-            default mode fits, blank inputs for the R-Net alone.
+            mode fits, blank inputs for the R-Net alone.
+        mode: ``rnet`` warms the torch-free R-Net path only (the service turns ready after it and warms the default
+            mode's fit next, ``settings.warmup_fit_after_ready``).
     """
     from facerecon.coefficients import Coefficients
     from facerecon.errors import NoFaceFound
     from facerecon.export import export_mesh
     from facerecon.pipeline import _timed
 
-    mode = rec.mode_for()
+    mode = mode or rec.mode_for()
     t: dict[str, float] = {}
     if mode != "rnet":
         from facerecon.fit import FitConfig

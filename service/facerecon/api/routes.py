@@ -128,7 +128,8 @@ def build_router(settings: Settings) -> APIRouter:
         if not state.ready:
             raise state.not_ready()
         return ReadyResponse(ready=True, face_model=state.face_model, load_ms=state.load_ms,
-                             warmup_ms=state.warmup_ms)
+                             warmup_ms=state.warmup_ms, warming=list(state.warming),
+                             fit_warmup_ms=state.fit_warmup_ms)
 
     @router.get("/metrics", tags=["service"], summary="Prometheus metrics (text format)",
                 responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})

@@ -385,7 +385,11 @@ class ReadyResponse(BaseModel):
     ready: bool
     face_model: str | None = None
     load_ms: float | None = Field(None, description="model loading time")
-    warmup_ms: float | None = Field(None, description="warm-up inference time")
+    warmup_ms: float | None = Field(None, description="warm-up inference time (before readiness)")
+    warming: list[str] = Field(
+        default_factory=list, description="parts still warming up after readiness: `fit` (torch, the renderer, "
+                                          "overlays; `warmup_fit_after_ready`); requests that need them wait")
+    fit_warmup_ms: float | None = Field(None, description="the fit's warm-up time, when it ran after readiness")
 
 
 class ServiceLimits(BaseModel):

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from facerecon.formats import OnMissing
     from facerecon.pipeline import Checkpoint
     from facerecon.render.maps import FaceMaps, MapKind
-    from facerecon.results import Reconstruction, SetReconstruction
+    from facerecon.results import Mode, Reconstruction, SetReconstruction
 
 log = logging.getLogger("facerecon.api")
 
@@ -93,6 +93,8 @@ class ServiceState:
         self.error: str | None = None
         self.load_ms: float | None = None
         self.warmup_ms: float | None = None
+        self.fit_warmup_ms: float | None = None
+        self.warming: list[str] = []  # parts still warming up after readiness (``fit``)
         self.face_model: str | None = None
         self.expression_names: list[str] = []
         self.decode_limiter = anyio.CapacityLimiter(max(2, settings.workers))
@@ -146,17 +148,30 @@ class ServiceState:
                 "face_model": self.face_model, "device": info.get("device", ""), "renderer": info.get("renderer", ""),
                 "default_mode": info.get("default_mode", ""), "version": info.get("version", __version__),
             })
+            fit_later = self.settings.warmup and self.settings.warmup_fit_after_ready and _fits_later(rec)
             if self.settings.warmup:
                 self.stage = "warming up"
                 t0 = time.perf_counter()
-                warm_up(rec, self.settings)
+                warm_up(rec, self.settings, "rnet" if fit_later else None)
                 self.warmup_ms = (time.perf_counter() - t0) * 1000.0
             self.reconstructor = rec
+            if fit_later:
+                self.warming = ["fit"]
             self.stage = "ready"
             self.ready = True
-            log.info("ready: face model %s (load %.0f ms, warm-up %s)", self.face_model, self.load_ms,
-                     "off" if self.warmup_ms is None else f"{self.warmup_ms:.0f} ms")
+            log.info("ready: face model %s (load %.0f ms, warm-up %s%s)", self.face_model, self.load_ms,
+                     "off" if self.warmup_ms is None else f"{self.warmup_ms:.0f} ms",
+                     "; the fit warms up next" if fit_later else "")
+            if fit_later:
+                # the default mode's fit (torch, the renderer, the overlay) right after readiness; a request that
+                # needs them meanwhile loads the same lazily built parts (under the engine's build lock) and waits
+                t0 = time.perf_counter()
+                warm_up(rec, self.settings)
+                self.fit_warmup_ms = (time.perf_counter() - t0) * 1000.0
+                self.warming = []
+                log.info("fit warm-up done (%.0f ms)", self.fit_warmup_ms)
         except Exception as exc:
+            self.ready = False
             self.stage = "failed"
             # The class name only: messages carry absolute paths of the host (models folder, ...); the log has all.
             self.error = type(exc).__name__
@@ -186,10 +201,17 @@ class ServiceState:
 
 
 # -- warm-up --------------------------------------------------------------------------------------------------------
-def warm_up(rec: ReconstructorLike, settings: Settings) -> None:
-    """Before ``/readyz`` turns ready: the engine runs each stage of its default mode once, cheaply
-    (:func:`facerecon.warmup.warm_up_engine`: a short fit, not a whole one; no torch when the default is the R-Net
-    alone), on ``settings.warmup_image`` or a synthetic face photo; a stand-in reconstructor runs one whole
+def _fits_later(rec: ReconstructorLike) -> bool:
+    """Whether ``rec`` is the engine with an R-Net and a default mode that fits (its R-Net path can warm first)."""
+    from facerecon.pipeline import Reconstructor
+
+    return isinstance(rec, Reconstructor) and rec.rnet is not None and rec.mode_for() != "rnet"
+
+
+def warm_up(rec: ReconstructorLike, settings: Settings, mode: Mode | None = None) -> None:
+    """Before ``/readyz`` turns ready: the engine runs each stage of ``mode`` (default: its default mode) once,
+    cheaply (:func:`facerecon.warmup.warm_up_engine`: a short fit, not a whole one; no torch for the R-Net alone),
+    on ``settings.warmup_image`` or a synthetic face photo; a stand-in reconstructor runs one whole
     inference through what it has (detection, estimate, export, overlay, JSON)."""
     from facerecon.pipeline import Reconstructor
 
@@ -200,8 +222,8 @@ def warm_up(rec: ReconstructorLike, settings: Settings) -> None:
     if isinstance(rec, Reconstructor):
         from facerecon.warmup import warm_up_engine
 
-        timings = warm_up_engine(rec, photo)
-        log.info("warm-up (default mode %s): %s", rec.mode_for(),
+        timings = warm_up_engine(rec, photo, mode)
+        log.info("warm-up (mode %s): %s", mode or rec.mode_for(),
                  ", ".join(f"{k} {v:.0f} ms" for k, v in timings.items()))
         return
     renderer = getattr(rec, "renderer", None)
