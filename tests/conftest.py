@@ -4,6 +4,7 @@ one live server for the whole session (loading a Reconstructor costs seconds; ea
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,43 @@ def ict_decoder(ict_model):
     from facerecon.decoder import FaceDecoder
 
     return FaceDecoder(ict_model)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rngs() -> None:
+    """Each test draws from torch's and NumPy's global generators as if it ran first in its process (pytest-xdist
+    gives a worker other files before it from run to run). torch only when already imported: some tests check that a
+    path never imports it."""
+    np = sys.modules.get("numpy")
+    torch = sys.modules.get("torch")
+    if np is not None:
+        np.random.seed(0)
+    if torch is not None:
+        torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_global_state(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test file leaves torch's process state as it found it: the calling thread's intra-op thread count given
+    back (a training call or an engine set up here would otherwise change the next file's), and a default dtype
+    or grad mode left changed is an error of the file that changed it."""
+    torch = sys.modules.get("torch")
+    threads = None if torch is None else torch.get_num_threads()
+    yield
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    left = []
+    if torch.get_default_dtype() != torch.float32:
+        left.append(f"default dtype {torch.get_default_dtype()}")
+        torch.set_default_dtype(torch.float32)
+    if not torch.is_grad_enabled():
+        left.append("grad mode off")
+        torch.set_grad_enabled(True)
+    if left:
+        pytest.fail(f"{request.module.__name__} left torch changed: {', '.join(left)}")
 
 
 #: Limits of the shared live server (small, so the 413 tests send little).

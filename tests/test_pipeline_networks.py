@@ -79,16 +79,19 @@ def test_set_uses_the_cnet(reconstructor) -> None:
     ids = np.stack([it.coefficients.id[0].numpy() for it in result.items])
     assert np.allclose(ids, ids[0])
     # The shipped C-Net's confidences are nearly uniform (its weighted mean matches the plain mean to ~1e-7 here),
-    # so prove the wiring with confidences that are not: a stand-in C-Net that trusts the first photo 9x more.
+    # so prove the wiring with confidences that are not: a stand-in C-Net that trusts the first photo 9x more
+    # (recognised by its crop: the estimate takes a set's faces in its own canonical order).
     prepared = [reconstructor.prepare(p, reconstructor.detect(p)[0]) for p in photos]
     own = np.stack([reconstructor.estimate([q], mode="rnet").coefficients.id[0].numpy() for q in prepared])
     weights = np.array([9.0, 1.0, 1.0], np.float32)[:, None]
+    first = prepared[0].crop.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
 
     class Skewed:
         def run(self, images: np.ndarray, features: np.ndarray) -> dict[str, np.ndarray]:
-            b = images.shape[0]
+            w = np.array([[9.0 if np.array_equal(im, first) else 1.0] for im in images], np.float32)
+            assert w.sum() == 9.0 + len(images) - 1, "the first photo's crop is in the batch once"
             k_id, k_tex = reconstructor.model.layout.id, reconstructor.model.layout.tex
-            return {"conf_id": np.repeat(weights[:b], k_id, 1), "conf_tex": np.repeat(weights[:b], k_tex, 1)}
+            return {"conf_id": np.repeat(w, k_id, 1), "conf_tex": np.repeat(w, k_tex, 1)}
 
     skewed = copy.copy(reconstructor)
     skewed.cnet = Skewed()

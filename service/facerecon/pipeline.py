@@ -397,6 +397,21 @@ class Reconstructor:
         mode = mode or self.mode_for(refine)
         if mode != "fit" and self.rnet is None:
             raise FaceReconError(f"mode {mode!r} needs an installed R-Net")
+        if share_identity and len(prepared) > 1:
+            # One person's faces in a canonical order (by the crops' and landmarks' bytes): the aggregation's sums
+            # and the shared fit's sums and optimiser steps follow the batch order, so the identity would otherwise
+            # move slightly with the order the photos came in. The rows go back in the order given.
+            order = sorted(range(len(prepared)), key=lambda k: hashlib.sha1(
+                np.ascontiguousarray(prepared[k].crop).tobytes()
+                + np.ascontiguousarray(prepared[k].lm68_crop).tobytes()).digest())
+            if order != list(range(len(prepared))):
+                est = self.estimate([prepared[k] for k in order], mode=mode, share_identity=True,
+                                    fit_config=fit_config)
+                back = sorted(range(len(order)), key=lambda j: order[j])  # the row of each face, as given
+                err = est.fit_landmark_error
+                return Estimate(Coefficients.cat([est.coefficients.index(j) for j in back]), est.mode,
+                                est.aggregation, est.timings,
+                                None if err is None else ([err[0][j] for j in back], [err[1][j] for j in back]))
         timings: dict[str, float] = {}
         images = np.stack([p.crop for p in prepared])
         init: Coefficients | None = None
@@ -485,6 +500,13 @@ class Reconstructor:
         from facerecon.skin import skin_attention
 
         self._torch_setup()
+        threads = self.settings.torch_threads
+        if threads > 0 and torch.get_num_threads() != threads:
+            # torch's thread count belongs to each OS thread (OpenMP): _torch_setup set it in the thread that first
+            # used torch (a server worker's warm-up, say), and a thread already running then kept torch's default.
+            # With several threads the fit's reductions sum in a varying order, and over its steps a set's identity
+            # moved by 0.3-7 % between two identical calls; every thread that fits runs on the setting.
+            torch.set_num_threads(threads)
         image = torch.from_numpy(np.stack([p.crop for p in prepared])).permute(0, 3, 1, 2).float().div(255.0)
         lm = torch.from_numpy(np.stack([p.lm68_crop for p in prepared])).float()
         skin = skin_attention(torch.from_numpy(np.stack([p.skin for p in prepared]))[:, None].float())
@@ -543,13 +565,11 @@ class Reconstructor:
             raise TooManyImages(f"{len(images)} photos in a set; the limit is {self.settings.max_set_images}")
         if not images:
             raise TooManyImages("an image set needs at least one photo")
-        # Process the photos in a canonical order (by content digest), so the result does not depend on the
-        # order they were given in (floating-point sums and the optimiser would otherwise drift slightly).
-        order = sorted(range(len(images)), key=lambda k: hashlib.sha1(np.ascontiguousarray(images[k])).digest())
+        # (the estimate takes a set's faces in a canonical order: the identity does not depend on the photos')
         prepared: list[PreparedFace] = []
         kept: list[int] = []
         skipped: list[int] = []
-        for k in order:
+        for k in range(len(images)):
             _at(checkpoint, "detect")
             t: dict[str, float] = {}
             try:
@@ -579,11 +599,9 @@ class Reconstructor:
         zero = Coefficients.zeros(self.card.layout, 1, self.device)
         identity = Coefficients(coeffs.id.mean(0, keepdim=True), zero.exp, coeffs.tex.mean(0, keepdim=True),
                                 zero.angle, zero.gamma, zero.trans)
-        items = [self.finish(p, est, i) for i, p in enumerate(prepared)]
-        back = sorted(range(len(kept)), key=lambda j: kept[j])  # items in the order the photos were given
-        return SetReconstruction(items=[items[j] for j in back], identity=identity,
+        return SetReconstruction(items=[self.finish(p, est, i) for i, p in enumerate(prepared)], identity=identity,
                                  aggregation=est.aggregation or "", timings=dict(est.timings),
-                                 indices=sorted(kept), skipped=sorted(skipped))
+                                 indices=kept, skipped=skipped)
 
     # -- outputs -----------------------------------------------------------------------------------------------
     def mesh(self, decoded: DecodedFace, *, colors: Literal["lit", "albedo"] = "lit", uv: bool = False) -> MeshData:
