@@ -20,14 +20,15 @@ install:
 	$(BIN)/facerecon models check
 	$(BIN)/python -m facerecon.warmup
 
-# One process by default: with two pytest-xdist workers (`TEST_WORKERS=2 make test`, a test file per worker, ~5:30
-# instead of ~7:45 on CI) test_pipeline's set-order test failed in 2 of 5 runs (identity 1-3 % order-dependent in a
-# worker that had run other files first; cause not found yet), so the parallel run is opt-in until it is.
-TEST_WORKERS ?= 0
+# Two pytest-xdist workers, one torch thread each (tests/conftest.py), a test file each at a time (--dist loadfile:
+# module fixtures built once; the engine and the live server once per worker), the slowest files first (conftest's
+# order; --no-loadscope-reorder keeps it); TEST_WORKERS=0 runs in one process. 486 tests, 491 s of CPU (534 s
+# before the one-thread setting); 9:40 wall on a 2-core machine shared with a training job (load 4-5).
+TEST_WORKERS ?= 2
 
 test:
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench:
 	$(BIN)/python -m bench

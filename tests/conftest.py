@@ -11,11 +11,35 @@ from pathlib import Path
 
 import pytest
 
+# One intra-op thread for torch (its OpenMP and MKL pools) in the test processes and the subprocesses they start,
+# unless the caller sets another: the suite runs as two pytest-xdist workers on CI's two cores, and torch's default
+# (a thread per core) in each oversubscribed them; on these small tensors the threads mostly spin (the torch-heavy
+# files took 35 % less CPU on one thread). Read by torch when it loads, so set before any test module imports it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FACERECON_SHARED_DIR", REPO.parent / "shared"))
 MODELS = REPO / "models"
 ICT_MODEL = MODELS / "ict" / "facemodel.npz"
 EXAMPLES = SHARED / "data" / "deep3d-examples"
+
+
+#: The slowest test files, slowest first (one-process wall time, measured with ``--durations``): pytest-xdist's
+#: workers (``--dist loadfile --no-loadscope-reorder``) start them first, so that they end on small files instead of
+#: one worker finishing a long file alone. Only the order changes; the other files follow in their own order.
+SLOWEST_FIRST = (
+    "test_pipeline.py", "test_page.py", "test_reliability.py", "test_batch.py", "test_api.py", "test_appearance.py",
+    "test_cli.py", "test_train.py", "test_facemodel_bfm.py", "test_client.py", "test_nets.py", "test_bounds.py",
+    "test_warmup.py", "test_detect.py", "test_fit.py", "test_imports.py", "test_pipeline_concurrency.py",
+    "test_facemodel_ict.py", "test_texture.py", "test_render.py", "test_pipeline_networks.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the files run in the order asked for
+    rank = {name: k for k, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
 
 
 def need_shared(*parts: str) -> Path:
@@ -88,6 +112,30 @@ def reconstructor():
     from facerecon.pipeline import Reconstructor
 
     return Reconstructor()
+
+
+@pytest.fixture(scope="session")
+def example_reconstructions(reconstructor):
+    """``(name, grey=False) -> (photo, reconstructions)``: an example photo of ``../shared/data/deep3d-examples``
+    (``grey``: made greyscale, still RGB) and the session engine's default reconstruction of it, made once per
+    process for the checks that read the same photo (on the engine's one torch thread a reconstruction is
+    bit-reproducible, so a shared one is the one a check would make itself)."""
+    import numpy as np
+    from PIL import Image
+
+    from facerecon.imaging import load_image
+
+    done: dict[tuple[str, bool], tuple[np.ndarray, list]] = {}
+
+    def get(name: str, grey: bool = False) -> tuple[np.ndarray, list]:
+        if (name, grey) not in done:
+            img = load_image(need_shared("data", "deep3d-examples", name))
+            if grey:
+                img = np.repeat(np.asarray(Image.fromarray(img).convert("L"))[..., None], 3, axis=2)
+            done[name, grey] = img, reconstructor.reconstruct(img)
+        return done[name, grey]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -12,20 +12,21 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from facerecon.imaging import load_image
-from tests.conftest import EXAMPLES, need_shared
-
 pytestmark = pytest.mark.timeout(600)
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
 
-def _photo(name: str, grey: bool = False) -> np.ndarray:
-    need_shared("data", "deep3d-examples")
-    img = load_image(EXAMPLES / name)
-    if grey:
-        img = np.repeat(np.asarray(Image.fromarray(img).convert("L"))[..., None], 3, axis=2)
-    return img
+@pytest.fixture(scope="module")
+def reconstructed(example_reconstructions: Any) -> Any:
+    """``(name, grey) -> (photo, reconstruction)`` in the default mode (R-Net and the fit, whose fitted light the
+    colours depend on), each made once (several checks read the same photo)."""
+
+    def get(name: str, grey: bool = False) -> tuple[np.ndarray, Any]:
+        img, recs = example_reconstructions(name, grey)
+        return img, recs[0]
+
+    return get
 
 
 def _masks(lm: np.ndarray, size: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -63,12 +64,12 @@ def _luma(pixels: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["000006.jpg", "000031.jpg", "000050.jpg"])
-def test_a_greyscale_photo_gives_grey_eyes_brows_and_lips(reconstructor: Any, name: str) -> None:
+def test_a_greyscale_photo_gives_grey_eyes_brows_and_lips(reconstructor: Any, reconstructed: Any, name: str
+                                                           ) -> None:
     """The fitted light is blue-green on a greyscale photo (it turns the model's warm skin grey), which made the
     off-white sclera cyan and the brown brows blue-grey (median chroma 13-32 levels in the eyes, 8-30 in the
     brows); now the features are as grey as the photo."""
-    img = _photo(name, grey=True)
-    r = reconstructor.reconstruct(img)[0]
+    img, r = reconstructed(name, grey=True)
     overlay = reconstructor.overlay(img, r)
     m = _masks(r.landmarks_photo, (img.shape[1], img.shape[0]))
     assert _chroma(overlay[m["eyes"]]) <= 5, _chroma(overlay[m["eyes"]])
@@ -77,12 +78,12 @@ def test_a_greyscale_photo_gives_grey_eyes_brows_and_lips(reconstructor: Any, na
 
 
 @pytest.mark.parametrize("name", ["000006.jpg", "000037.jpg", "000050.jpg", "000055.jpg"])
-def test_eyes_are_not_staring_white_and_brows_are_darker_than_the_skin(reconstructor: Any, name: str) -> None:
+def test_eyes_are_not_staring_white_and_brows_are_darker_than_the_skin(reconstructor: Any, reconstructed: Any,
+                                                                       name: str) -> None:
     """The overlay's eye openings are no brighter than the photo's (their upper quartile of luma within the photo's
     90th percentile; the white sclera tint gave 200-255), and where the photo's brows are darker than its cheeks
     the overlay's are too (the pale brow tint was lighter than the brows of these photos)."""
-    img = _photo(name)
-    r = reconstructor.reconstruct(img)[0]
+    img, r = reconstructed(name)
     overlay = reconstructor.overlay(img, r)
     m = _masks(r.landmarks_photo, (img.shape[1], img.shape[0]))
     eyes_photo, eyes_overlay = _luma(img[m["eyes"]]), _luma(overlay[m["eyes"]])
@@ -109,7 +110,7 @@ def _obj_vertex_uvs(obj: str, n_vertices: int) -> np.ndarray:
     return uv
 
 
-def test_the_albedo_texture_takes_the_features_from_the_photo(reconstructor: Any) -> None:
+def test_the_albedo_texture_takes_the_features_from_the_photo(reconstructor: Any, reconstructed: Any) -> None:
     """``texture=albedo`` on a greyscale photo: the visible eyeballs (the model's own eyeball parts) and the brows
     are grey in the texture (the sclera and brow tints were warm off-white and brown); on the colour photo the
     brows are darker than the skin of the cheeks."""
@@ -120,8 +121,7 @@ def test_the_albedo_texture_takes_the_features_from_the_photo(reconstructor: Any
     part = model.card.regions
     eyeballs = np.isin(model.extras["vertex_region"], [part["eyeball_left"], part["eyeball_right"]])
     for grey in (True, False):
-        img = _photo("000050.jpg", grey=grey)
-        r = reconstructor.reconstruct(img)[0]
+        img, r = reconstructed("000050.jpg", grey)
         files = reconstructor.export_files(img, r, "obj", "albedo")
         tex = np.asarray(Image.open(io.BytesIO(files["texture.png"])).convert("RGB"))
         uv = _obj_vertex_uvs(files["mesh.obj"].decode(), model.n_vertices)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from facerecon.errors import NoFaceFound, TooManyImages
 from facerecon.imaging import load_image
-from tests.conftest import EXAMPLES, need_shared
+from tests.conftest import need_shared
 
 #: Mean reprojection error allowed, as a fraction of the distance between the eye centres. The detector's own
 #: 68 points carry ~0.03-0.05 error (packages.md), and the 17 jaw points are silhouette points in 2D but fixed
@@ -28,13 +28,12 @@ def _nme(rec) -> float:
     return float(np.linalg.norm(rec.landmarks_photo - rec.face.lm68, axis=1).mean() / iod)
 
 
-def test_every_example_reconstructs(reconstructor) -> None:
+def test_every_example_reconstructs(reconstructor, example_reconstructions) -> None:
     photos = sorted(need_shared("data", "deep3d-examples").glob("*.[jp][pn]g"))
     assert len(photos) == 25
     nmes, secs = [], []
     for p in photos:
-        image = load_image(p)
-        recs = reconstructor.reconstruct(image)
+        image, recs = example_reconstructions(p.name)
         assert len(recs) == 1
         rec = recs[0]
         nmes.append(_nme(rec))
@@ -47,9 +46,8 @@ def test_every_example_reconstructs(reconstructor) -> None:
     assert nmes_a.mean() < MAX_MEAN_NME and nmes_a.max() < MAX_PHOTO_NME
 
 
-def test_overlay_has_the_photo_size_and_json(reconstructor) -> None:
-    image = load_image(EXAMPLES / "000002.jpg") if EXAMPLES.exists() else pytest.skip("needs ../shared")
-    rec = reconstructor.reconstruct(image)[0]
+def test_overlay_has_the_photo_size_and_json(reconstructor, example_reconstructions) -> None:
+    image, (rec,) = example_reconstructions("000002.jpg")
     over = reconstructor.overlay(image, rec)
     assert over.shape == image.shape and over.dtype == np.uint8
     changed = np.abs(over.astype(int) - image.astype(int)).sum(-1) > 0
@@ -140,7 +138,7 @@ def test_cli_reconstruct_reports_bad_photos_and_finishes_the_rest(tmp_path: Path
     overlay = Image.open(folder / "overlay.png")
     assert overlay.size == Image.open(photo).size
     doc = json.loads((folder / "coefficients.json").read_text())
-    assert doc["mode"] in {"fit", "rnet", "rnet+fit"} and len(doc["landmarks68"]) == 68
+    assert doc["mode"] in {"fit", "rnet", "rnet+lm", "rnet+fit"} and len(doc["landmarks68"]) == 68
     assert "reconstructed 1 of 2" in run.stdout
 
 

@@ -131,16 +131,10 @@ class Case:
 
 
 @pytest.fixture(scope="module")
-def cases(reconstructor) -> dict[str, Case]:
-    from facerecon.imaging import load_image
-
+def cases(reconstructor, example_reconstructions) -> dict[str, Case]:
     out = {}
     for name in (FRONTAL, TURNED):
-        path = EXAMPLES / name
-        if not path.exists():
-            pytest.skip(f"needs {path}")
-        image = load_image(path)
-        rec = reconstructor.reconstruct(image)[0]
+        image, (rec,) = example_reconstructions(name)
         cam = reconstructor.decoder.camera
         t0 = time.perf_counter()
         photo = photo_texture(rec, reconstructor.model, image, size=SIZE, camera=cam)

@@ -120,11 +120,20 @@ def test_tiny_training_run_logs_every_term(tiny_run: dict[str, object]) -> None:
 
 
 def test_resume_continues_the_step_count(tiny_run: dict[str, object]) -> None:
+    """A resumed run continues the step count; and the training call, which sets its own thread count (``threads=2``
+    in the tiny run), gives the process's back on return: the engine in the same process relies on one thread
+    for bit-reproducible reconstructions."""
     from facerecon.train.loop import RNetConfig, load_checkpoint, train_rnet
 
     cfg: RNetConfig = tiny_run["cfg"]  # type: ignore[assignment]
     more = RNetConfig(**{**cfg.__dict__, "steps": 9})
-    ckpt = train_rnet(more, resume=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ckpt = train_rnet(more, resume=True)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
     assert load_checkpoint(ckpt)["step"] == 9
     rows = _rows(Path(cfg.out))
     assert [int(r["step"]) for r in rows] == list(range(1, 10))
@@ -288,19 +297,3 @@ def test_average_runs_is_the_weighted_mean_of_the_weights(tiny_run: dict[str, ob
             assert torch.allclose(avg[k], v + 0.25, atol=1e-5), k
     with pytest.raises(ValueError):
         average_runs([run, other], [0.5, 0.6], tmp_path / "bad")
-
-
-def test_training_gives_torch_its_thread_count_back(tiny_run: dict[str, object]) -> None:
-    """A training call sets its own thread count (``threads=2`` in the tiny run) and restores the process's on
-    return: the session's engine relies on one thread for bit-reproducible reconstructions (a set reconstructed
-    after the tiny run in the same pytest-xdist worker came out order-dependent by 3 %)."""
-    from facerecon.train.loop import RNetConfig, train_rnet
-
-    cfg: RNetConfig = tiny_run["cfg"]  # type: ignore[assignment]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_rnet(RNetConfig(**{**cfg.__dict__, "steps": 10}), resume=True)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
