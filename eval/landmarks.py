@@ -1,6 +1,6 @@
 """Landmark accuracy of reconstructions, per mode.
 
-    python -m eval.landmarks DIR [DIR...] [--limit N] [--modes fit,rnet,rnet+fit]
+    python -m eval.landmarks DIR [DIR...] [--limit N] [--modes fit,rnet,rnet+lm,rnet+fit]
 
 For every photo: the normalised mean error (NME, by the distance between the eye centres of the reference points)
 between the reconstruction's reprojected 68 landmarks and reference landmarks: the detector's own 68 points, and
@@ -62,11 +62,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", type=Path)
     ap.add_argument("--limit", type=int, default=0, help="at most N photos per folder (0 = all)")
-    ap.add_argument("--modes", default="", help="comma list of rnet, fit, rnet+fit (default: what is available)")
+    ap.add_argument("--modes", default="", help="comma list of rnet, rnet+lm, fit, rnet+fit (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     rec = Reconstructor()
-    modes = [m for m in args.modes.split(",") if m] or (["rnet", "fit", "rnet+fit"] if rec.rnet else ["fit"])
+    modes = [m for m in args.modes.split(",") if m] or (["rnet", "rnet+lm", "fit", "rnet+fit"] if rec.rnet else ["fit"])
     if rec.rnet is None and any(m.startswith("rnet") for m in modes):
         raise SystemExit("no R-Net is installed for this face model; use --modes fit")
     results: dict[str, dict[str, list[float]]] = {m: {"detector": [], "human": [], "start": [], "end": [],

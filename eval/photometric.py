@@ -1,6 +1,6 @@
 """Photometric error of reconstructions: the shaded reconstruction vs the photo, in the aligned 224 crop.
 
-    python -m eval.photometric [DIR ...] [--limit N] [--modes fit,rnet,rnet+fit]
+    python -m eval.photometric [DIR ...] [--limit N] [--modes fit,rnet,rnet+lm,rnet+fit]
 
 For every photo (largest face): the reconstruction's lit colours rendered with the CPU/GPU renderer in the crop
 camera, compared with the aligned crop inside the **visible skin region**: pixels covered by the face model's
@@ -75,11 +75,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="*", type=Path, default=[DEFAULT_DIR])
     ap.add_argument("--limit", type=int, default=0, help="at most N photos per folder (0 = all)")
-    ap.add_argument("--modes", default="", help="comma list of rnet, fit, rnet+fit (default: what is available)")
+    ap.add_argument("--modes", default="", help="comma list of rnet, rnet+lm, fit, rnet+fit (default: all)")
     ap.add_argument("--quiet", action="store_true", help="summary only, no per-photo lines")
     args = ap.parse_args()
     rec = Reconstructor()
-    modes = [m for m in args.modes.split(",") if m] or (["rnet", "fit", "rnet+fit"] if rec.rnet else ["fit"])
+    modes = [m for m in args.modes.split(",") if m] or (["rnet", "rnet+lm", "fit", "rnet+fit"] if rec.rnet else ["fit"])
     if rec.rnet is None and any(m.startswith("rnet") for m in modes):
         raise SystemExit("no R-Net is installed for this face model; use --modes fit")
     modes = ["mean face", *modes]

@@ -1,6 +1,6 @@
 """R-Net at every pose: landmark, profile and pose accuracy of the reconstruction modes on held-out photos.
 
-    python -m eval.rnet_pose [--models-dir DIR] [--modes rnet,rnet2,rnet+fit] [--limit N] [--fit-limit N]
+    python -m eval.rnet_pose [--models-dir DIR] [--modes rnet,rnet2,rnet+lm,rnet+fit] [--limit N] [--fit-limit N]
                              [--json FILE]
 
 Every figure goes through the pipeline's public stages (detect -> prepare -> estimate -> finish), i.e. what the

@@ -1,13 +1,13 @@
 """Synthetic round trip: known coefficients -> rendered photo -> the pipeline's reconstruction -> 3D error in mm.
 
-    python -m eval.synthetic [--n 20] [--seed 0] [--size 320] [--modes fit,rnet,rnet+fit]
+    python -m eval.synthetic [--n 20] [--seed 0] [--size 320] [--modes fit,rnet,rnet+lm,rnet+fit]
 
 Each sample draws random coefficients of the served face model: identity ~ N(0, 0.9^2) and albedo
 ~ N(0, 0.5^2) per coefficient, sparse expression weights (each on with p = 0.1, weight U[0, 0.6]), pose uniform
 within pitch +-20, yaw +-30, roll +-15 degrees, a small translation, and light from the front and above with random
 jitter. The face is rendered with the CPU renderer (the drawn region: face, eyes, inner mouth) over a random smooth
 background at ``--size`` pixels, then reconstructed by the **whole pipeline** from those pixels alone (detect ->
-align -> R-Net and/or fit): ``fit`` always, ``rnet`` and ``rnet+fit`` when an R-Net is installed.
+align -> R-Net and/or fit): ``fit`` always, ``rnet``, ``rnet+lm`` and ``rnet+fit`` when an R-Net is installed.
 
 Error (NoW / REALY style, on the face region ``face_mask``, vertex to vertex since the topology is shared): the
 reconstructed and the true **un-posed** shapes are aligned by Procrustes, rigid (rotation + translation) and
@@ -95,10 +95,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20, help="samples")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=320, help="rendered photo size, pixels")
-    ap.add_argument("--modes", default="", help="comma list of rnet, fit, rnet+fit (default: what is available)")
+    ap.add_argument("--modes", default="", help="comma list of rnet, rnet+lm, fit, rnet+fit (default: what is "
+                                                "available)")
     args = ap.parse_args()
     rec = Reconstructor()
-    modes = [m for m in args.modes.split(",") if m] or (["rnet", "fit", "rnet+fit"] if rec.rnet else ["fit"])
+    modes = [m for m in args.modes.split(",") if m] or (["rnet", "rnet+lm", "fit", "rnet+fit"] if rec.rnet
+                                                        else ["fit"])
     if rec.rnet is None and any(m.startswith("rnet") for m in modes):
         raise SystemExit("no R-Net is installed for this face model; use --modes fit")
     gen = torch.Generator().manual_seed(args.seed)
@@ -123,14 +125,10 @@ def main() -> None:
             for mode in modes:
                 t0 = time.perf_counter()
                 try:
-                    networks = rec.rnet
-                    if mode == "fit":  # fitting alone starts from the mean face, even with an R-Net installed
-                        rec.rnet = None
-                    try:
-                        with torch.enable_grad():
-                            r = rec.reconstruct(photo, refine=mode == "rnet+fit" if mode != "fit" else None)[0]
-                    finally:
-                        rec.rnet = networks
+                    # the public stages; ``fit`` starts from the mean face, even with an R-Net installed
+                    prepared = rec.prepare(photo, rec.detect(photo)[0])
+                    with torch.enable_grad():
+                        r = rec.finish(prepared, rec.estimate([prepared], mode=mode))  # type: ignore[arg-type]
                 except FaceReconError:
                     failures[mode] += 1
                     continue

@@ -64,13 +64,23 @@ def ict_decoder(ict_model):
     return FaceDecoder(ict_model)
 
 
+def _torch_if_loaded():
+    """torch when it is imported and done importing, else None: a server's background warm-up may be importing it in
+    another thread while a test starts (``sys.modules`` then holds a partly initialised module)."""
+    torch = sys.modules.get("torch")
+    spec = getattr(torch, "__spec__", None)
+    if torch is None or getattr(spec, "_initializing", False) or not hasattr(torch, "get_num_threads"):
+        return None
+    return torch
+
+
 @pytest.fixture(autouse=True)
 def _seeded_global_rngs() -> None:
     """Each test draws from torch's and NumPy's global generators as if it ran first in its process (pytest-xdist
     gives a worker other files before it from run to run). torch only when already imported: some tests check that a
     path never imports it."""
     np = sys.modules.get("numpy")
-    torch = sys.modules.get("torch")
+    torch = _torch_if_loaded()
     if np is not None:
         np.random.seed(0)
     if torch is not None:
@@ -82,10 +92,10 @@ def _torch_global_state(request: pytest.FixtureRequest) -> Iterator[None]:
     """A test file leaves torch's process state as it found it: the calling thread's intra-op thread count given
     back (a training call or an engine set up here would otherwise change the next file's), and a default dtype
     or grad mode left changed is an error of the file that changed it."""
-    torch = sys.modules.get("torch")
+    torch = _torch_if_loaded()
     threads = None if torch is None else torch.get_num_threads()
     yield
-    torch = sys.modules.get("torch")
+    torch = _torch_if_loaded()
     if torch is None:
         return
     if threads is not None and torch.get_num_threads() != threads:

@@ -217,7 +217,7 @@ def test_healthz_and_readyz(live: str) -> None:
 def test_models(model_info: dict[str, Any]) -> None:
     assert model_info["face_model"]["name"] == "ict"
     assert model_info["device"] == "cpu"
-    assert model_info["default_mode"] in ("fit", "rnet", "rnet+fit")
+    assert model_info["default_mode"] in ("fit", "rnet", "rnet+lm", "rnet+fit")
     assert "rnet" in model_info and "cnet" in model_info  # null when not installed
     assert model_info["limits"]["max_set_images"] == MAX_SET
 
@@ -229,7 +229,7 @@ def test_reconstruct_obj(obj_response: httpx.Response, model_info: dict[str, Any
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("model/obj")
     assert r.headers["x-face-count"] == "1"
-    assert r.headers["x-reconstruction-mode"] in ("fit", "rnet", "rnet+fit")
+    assert r.headers["x-reconstruction-mode"] in ("fit", "rnet", "rnet+lm", "rnet+fit")
     stages = {item.split(";")[0].strip() for item in r.headers["server-timing"].split(",")}
     assert {"read", "image", "queue", "detect", "export", "total"} <= stages
     mesh = trimesh.load(io.BytesIO(r.content), file_type="obj", process=False, force="mesh", maintain_order=True)

@@ -172,7 +172,7 @@ def test_local_engine_rows_and_outputs(collection: Path, local_run: tuple[Path, 
         pad = 0.25 * (x1 - x0)
         assert (lm[:, 0] > x0 - pad).all() and (lm[:, 0] < x1 + pad).all() and (lm[:, 1] > y0 - pad).all()
         assert (lm[:, 1] < y1 + pad).all()
-        assert 0 < r["detection_score"] <= 1 and r["mode"] == "rnet"
+        assert 0 < r["detection_score"] <= 1 and r["mode"] == "rnet+lm"
         assert r["timings_ms"]["rnet"] > 0 and r["timings_ms"]["total"] >= r["timings_ms"]["rnet"]
         assert {len(r[f"coef_{g}"]) for g in ("angle", "trans")} == {3}
 

@@ -128,7 +128,7 @@ def test_rnet_only_without_overlay_writes_mesh_and_json_and_never_loads_torch(tm
     assert run.stdout.strip().splitlines()[-1] == "0 False False", run.stdout
     assert sorted(p.name for p in (out / "000002").iterdir()) == ["coefficients.json", "mesh.obj"]
     doc = json.loads((out / "000002" / "coefficients.json").read_text())
-    assert doc["mode"] == "rnet" and len(doc["landmarks68"]) == 68
+    assert doc["mode"] == "rnet+lm" and len(doc["landmarks68"]) == 68
     from facerecon.config import get_settings
     from facerecon.facemodel.format import read_card
     from facerecon.facemodel.registry import resolve

@@ -66,5 +66,5 @@ def test_the_rnet_path_never_imports_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["before"] == [], f"the R-Net path imports {got['before']}"
-    assert got["mode"] == "rnet" and got["landmarks"] == 68 and got["glb"] == "glTF" and got["obj"] in ("# ", "v ")
+    assert got["mode"] == "rnet+lm" and got["landmarks"] == 68 and got["glb"] == "glTF" and got["obj"] in ("# ", "v ")
     assert got["after"] is True

@@ -260,12 +260,12 @@ def _head(path: Path) -> np.ndarray:
 def _check_issue_18(live: str, result: dict[str, Any], out: Path, with_group: bool) -> None:
     default_mode = httpx.get(f"{live}/v1/models", timeout=10).json()["default_mode"]
     # The checkbox starts as the service's default and is always sent (unchecked used to send nothing).
-    assert result["refineDefault"] == (default_mode != "rnet"), (result["refineDefault"], default_mode)
+    assert result["refineDefault"] == ("fit" in default_mode), (result["refineDefault"], default_mode)
     first = result["firstRequests"]
     assert first and all(r["refine"] == ("true" if result["refineDefault"] else "false") for r in first), first
     replaced = result["replaced"]
     assert all(r["refine"] == "false" for r in replaced["requests"]), replaced["requests"]
-    assert replaced["meta"].startswith("Mode rnet,"), replaced["meta"]  # unchecked: no fitting, really
+    assert replaced["meta"].startswith("Mode rnet+lm,"), replaced["meta"]  # unchecked: no photometric fit, really
     # The photo chosen while another ran is the one done and shown (it used to be ignored).
     assert replaced["status"] == f"Done: {PHOTO}." and not replaced["errorShown"], replaced
     assert len(replaced["requests"]) == 4, "both photos were sent: the second replaced the first"

@@ -64,9 +64,14 @@ def test_modes_with_an_installed_rnet(reconstructor) -> None:
     assert reconstructor.rnet is not None and reconstructor.rnet.providers == ["CPUExecutionProvider"]
     fast = reconstructor.reconstruct(image, refine=False)[0]
     refined = reconstructor.reconstruct(image, refine=True)[0]
-    assert fast.mode == "rnet" and "fit" not in fast.timings and "rnet" in fast.timings
+    prepared = reconstructor.prepare(image, reconstructor.detect(image)[0])
+    alone = reconstructor.finish(prepared, reconstructor.estimate([prepared], mode="rnet"))
+    assert alone.mode == "rnet" and "landmark fit" not in alone.timings
+    assert fast.mode == "rnet+lm" and "fit" not in fast.timings and {"rnet", "landmark fit"} <= set(fast.timings)
     assert refined.mode == "rnet+fit"
-    assert refined.landmark_error_px < fast.landmark_error_px
+    # both refinements follow the detector's landmarks more closely than the R-Net's own estimate
+    assert fast.landmark_error_px < 0.9 * alone.landmark_error_px
+    assert refined.landmark_error_px < alone.landmark_error_px
     info = reconstructor.info()
     assert info["rnet"]["providers"] == ["CPUExecutionProvider"] and info["default_mode"] == "rnet+fit"
 

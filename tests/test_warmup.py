@@ -36,7 +36,7 @@ def test_rnet_only_service_is_ready_without_torch() -> None:
         "                  'render': sorted(m for m in sys.modules if m.startswith('facerecon.render'))}))\n"
     )
     assert got["ready"] is True and got["stage"] == "ready", got
-    assert got["mode"] == "rnet" and float(got["warmup_ms"]) > 0  # type: ignore[arg-type]
+    assert got["mode"] == "rnet+lm" and float(got["warmup_ms"]) > 0  # type: ignore[arg-type]
     assert got["torch"] is False and got["render"] == [], got
 
 
@@ -60,7 +60,7 @@ def test_fitting_warm_up_runs_every_stage_with_a_short_fit() -> None:
         "print(json.dumps({'mode': rec.mode_for(), 'stages': sorted(t), 'steps': steps,\n"
         "                  'expected': sum(WARMUP_FIT_STEPS)}))\n"
     )
-    if got["mode"] == "rnet":
+    if "fit" not in got["mode"]:
         pytest.skip("the installed engine's default mode does not fit")
     assert got["stages"] == sorted(["renderer", "synthetic photo", "detect", "prepare", "estimate",
                                     "finish+json+export", "overlay"]), got
@@ -99,11 +99,11 @@ def test_a_fitting_service_is_ready_before_torch_and_warms_the_fit_next() -> Non
         "print(json.dumps(out))\n"
     )
     later, before = got["True"], got["False"]
-    if later["mode"] == "rnet":  # type: ignore[index]
+    if "fit" not in later["mode"]:  # type: ignore[index]
         pytest.skip("the installed engine's default mode does not fit")
-    assert later["at_ready"]["calls"] == [["rnet", False]], later  # type: ignore[index]
+    assert later["at_ready"]["calls"] == [["rnet+lm", False]], later  # type: ignore[index]
     assert later["at_ready"]["warming"] == ["fit"], later  # type: ignore[index]
-    assert later["calls"] == [["rnet", False], [None, True]] and later["warming"] == [], later  # type: ignore[index]
+    assert later["calls"] == [["rnet+lm", False], [None, True]] and later["warming"] == [], later  # type: ignore[index]
     assert float(later["fit_ms"]) > 0 and later["stage"] == "ready", later  # type: ignore[index,arg-type]
     assert before["at_ready"] == {"warming": [], "calls": [[None, True]]}, before  # type: ignore[index]
     assert before["fit_ms"] is None, before  # type: ignore[index]

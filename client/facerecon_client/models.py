@@ -141,7 +141,7 @@ class Face(_Model):
     """One reconstructed face of a photo."""
 
     index: int
-    mode: str = Field(description="rnet, rnet+fit or fit")
+    mode: str = Field(description="rnet, rnet+lm, rnet+fit or fit")
     box: list[float] = Field(description="(x0, y0, x1, y1), photo px")
     score: float | None = None
     coefficients: Coefficients

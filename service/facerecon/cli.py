@@ -254,7 +254,7 @@ examples:
   facerecon reconstruct photo.jpg
   facerecon reconstruct shoot/*.jpg --out meshes --format glb --texture photo --faces all
   facerecon reconstruct photo.jpg --maps
-  facerecon reconstruct shoot/*.jpg --no-refine --no-overlay   (the R-Net alone: mesh and JSON, fastest)
+  facerecon reconstruct shoot/*.jpg --no-refine --no-overlay   (R-Net + landmark stage: mesh and JSON, fastest)
   facerecon reconstruct a.jpg b.jpg c.jpg --set --on-missing skip
 
 output layout (in --out):
@@ -325,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--refine", dest="refine", action="store_true", default=None,
                     help="test-time fitting after the R-Net: slower, closer fit (default: the model's default mode; "
                          "always on without an R-Net)")
-    rc.add_argument("--no-refine", dest="refine", action="store_false", help="the R-Net's estimate only, no fitting")
+    rc.add_argument("--no-refine", dest="refine", action="store_false",
+                    help="the R-Net, then the fit's landmark stage solved with NumPy (mode rnet+lm, a few ms, no "
+                         "torch); no photometric fitting")
     rc.add_argument("--format", choices=MESH_FORMATS, default="obj",
                     help="mesh file format: obj, ply (model units, decimetres for the shipped models) or glb "
                          "(metres) (default: obj)")

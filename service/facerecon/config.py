@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     )
     use_networks: bool = Field(True, description="use the R-Net/C-Net installed beside the face model, if any")
     refine: bool = Field(True, description="test-time fitting after R-Net by default (always on without R-Net)")
+    fast_landmarks: bool = Field(
+        True, description="without refining: after the R-Net, the fit's landmark stage solved with NumPy (mode "
+                          "`rnet+lm`, a few ms, no torch); false: the R-Net alone (mode `rnet`)")
     # Input limits.
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest accepted upload, bytes")
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest accepted image, width x height")

@@ -10,12 +10,14 @@ maps), :meth:`Reconstructor.to_json`. Each stage is timed
 (milliseconds, in ``Reconstruction.timings``).
 
 Modes: with a trained R-Net installed for the face model (``models/<name>/rnet.json``), R-Net predicts and
-``refine`` adds test-time fitting from its prediction; without one, fitting from the mean face is the quality path
+``refine`` adds test-time fitting from its prediction (``rnet+fit``); without ``refine`` the fit's landmark stage is
+solved with NumPy in a few milliseconds (``rnet+lm``, :mod:`facerecon.npfit`; ``fast_landmarks=false``: the R-Net
+alone, ``rnet``); without an R-Net, fitting from the mean face is the quality path
 (the alignment already places the mean face on the photo) and this is said at start-up, never silently.
 
-Torch: the R-Net path (``refine=False``: detection, alignment, R-Net, the 68 landmarks, the JSON, mesh exports) runs
-on NumPy and onnxruntime alone (:class:`~facerecon.npdecode.NumpyDecoder`); torch, the torch face model, the
-renderer and the fit load on first use, each once (``tests/test_imports.py`` checks the import graph).
+Torch: the R-Net path (``refine=False``: detection, alignment, R-Net, the landmark stage, the 68 landmarks, the JSON,
+mesh exports) runs on NumPy and onnxruntime alone (:class:`~facerecon.npdecode.NumpyDecoder`); torch, the torch face
+model, the renderer and the fit load on first use, each once (``tests/test_imports.py`` checks the import graph).
 
 Size: over 400 lines because it is the one place the stages are composed (four stages, the set path, and the outputs
 that need the engine's model and renderer); each stage's work lives in its own module.
@@ -58,6 +60,7 @@ from facerecon.formats import OnMissing, texture_format_problem
 from facerecon.landmarks import lm68_to_lm5
 from facerecon.nets.runtime import OnnxNet, check_pair
 from facerecon.npdecode import DecodedFace, NumpyDecoder
+from facerecon.npfit import FREE, landmark_stage
 from facerecon.results import Estimate, Mode, PreparedFace, Reconstruction, SetReconstruction
 
 if TYPE_CHECKING:  # torch and what needs it load on first use: the R-Net path (refine=False) runs without them
@@ -344,17 +347,19 @@ class Reconstructor:
             "renderer": self._renderer_name(),
             "rnet": _net_info(self.rnet),
             "cnet": _net_info(self.cnet),
-            "default_mode": "rnet+fit" if self.rnet is not None else "fit",
+            "default_mode": self.mode_for(),
         }
 
     # -- stages ------------------------------------------------------------------------------------------------
     def mode_for(self, refine: bool | None = None) -> Mode:
-        """The mode a request gets: ``rnet+fit`` (or ``rnet`` with ``refine=False``) with an R-Net, else ``fit``;
-        ``refine=None`` takes the service setting."""
+        """The mode a request gets: ``rnet+fit`` (or with ``refine=False`` ``rnet+lm``, ``rnet`` when the setting
+        ``fast_landmarks`` is off) with an R-Net, else ``fit``; ``refine=None`` takes the service setting."""
         if self.rnet is None:
             return "fit"
         refine = self.settings.refine if refine is None else refine
-        return "rnet+fit" if refine else "rnet"
+        if refine:
+            return "rnet+fit"
+        return "rnet+lm" if self.settings.fast_landmarks else "rnet"
 
     def detect(self, image: np.ndarray | Image.Image, which: Which = "largest") -> list[DetectedFace]:
         """Faces to reconstruct, best first (:func:`~facerecon.detect.select_faces`); ``image`` as the detector
@@ -427,6 +432,14 @@ class Reconstructor:
             if share_identity:
                 with _timed(timings, "cnet"):
                     init, aggregation = self._aggregate(init, x, out)
+        if mode == "rnet+lm":
+            with _timed(timings, "landmark fit"):
+                # a set's shared identity stays shared: only expression and pose follow each photo's landmarks
+                res = landmark_stage(self.np_decoder, init.numpy(),  # type: ignore[union-attr]
+                                     np.stack([p.lm68_crop for p in prepared]),
+                                     free=("exp", "angle", "trans") if share_identity else FREE)
+            coeffs = res.coefficients if self._device_name() == "cpu" else res.coefficients.to(self.device)
+            return Estimate(coeffs, mode, aggregation, timings, (res.error_start, res.error_end))
         if mode == "rnet":
             return Estimate(init, mode, aggregation, timings)  # type: ignore[arg-type]
         from facerecon.skin import REFERENCE_GMM

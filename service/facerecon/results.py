@@ -24,9 +24,10 @@ from facerecon.npdecode import DecodedFace
 
 __all__ = ["MODES", "Estimate", "Mode", "PreparedFace", "Reconstruction", "SetReconstruction"]
 
-#: How coefficients are obtained: R-Net alone, R-Net then test-time fitting, fitting from the mean face.
-Mode = Literal["rnet", "rnet+fit", "fit"]
-MODES: tuple[Mode, ...] = ("rnet", "rnet+fit", "fit")
+#: How coefficients are obtained: R-Net alone, R-Net then the fit's landmark stage solved with NumPy
+#: (:func:`facerecon.npfit.landmark_stage`), R-Net then test-time fitting, fitting from the mean face.
+Mode = Literal["rnet", "rnet+lm", "rnet+fit", "fit"]
+MODES: tuple[Mode, ...] = ("rnet", "rnet+lm", "rnet+fit", "fit")
 
 
 @dataclass

@@ -73,7 +73,8 @@ def warm_up_engine(rec: Reconstructor, image: np.ndarray | None = None, mode: Mo
 
     mode = mode or rec.mode_for()
     t: dict[str, float] = {}
-    if mode != "rnet":
+    fits = "fit" in mode
+    if fits:
         from facerecon.fit import FitConfig
 
         with _timed(t, "renderer"):
@@ -90,7 +91,11 @@ def warm_up_engine(rec: Reconstructor, image: np.ndarray | None = None, mode: Mo
                 out = rec.rnet.run(np.zeros((1, 3, 224, 224), np.float32))
                 coeffs = Coefficients.from_vector(np.asarray(out["coeffs"], np.float32), rec.card.layout)
             with _timed(t, "decode+export"):
-                rec.np_decoder.landmarks(coeffs)
+                lm = rec.np_decoder.landmarks(coeffs)
+                if mode == "rnet+lm":
+                    from facerecon.npfit import landmark_stage
+
+                    landmark_stage(rec.np_decoder, coeffs, lm + 1.0)
                 export_mesh(rec.mesh(rec.np_decoder.decode(coeffs)), "obj")
         return t
     with _timed(t, "detect"):
@@ -102,14 +107,13 @@ def warm_up_engine(rec: Reconstructor, image: np.ndarray | None = None, mode: Mo
     with _timed(t, "prepare"):
         prepared = rec.prepare(image, face)
     with _timed(t, "estimate"):
-        steps = FitConfig(landmark_steps=WARMUP_FIT_STEPS[0], photo_steps=WARMUP_FIT_STEPS[1]) if mode != "rnet" \
-            else None
+        steps = FitConfig(landmark_steps=WARMUP_FIT_STEPS[0], photo_steps=WARMUP_FIT_STEPS[1]) if fits else None
         est = rec.estimate([prepared], mode=mode, fit_config=steps)
     with _timed(t, "finish+json+export"):
         r = rec.finish(prepared, est)
         rec.to_json(r)
         rec.export(r, "obj")
-    if mode != "rnet":
+    if fits:
         from facerecon.render.overlay import encode_png
 
         with _timed(t, "overlay"):

@@ -65,7 +65,7 @@ function options() {
 async function loadDefaults() {
   try {
     const info = await (await fetch("/v1/models")).json();
-    ui.refine.checked = info.default_mode !== "rnet";
+    ui.refine.checked = info.default_mode.includes("fit");
     ui.refine.disabled = info.default_mode === "fit";
     if (ui.refine.disabled) ui.refine.parentElement.title = "No R-Net installed: fitting is always on.";
   } catch {

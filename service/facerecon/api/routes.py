@@ -82,7 +82,7 @@ def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _RESULT_HEADERS = {
     "X-Face-Count": {"description": "faces in this response", "schema": {"type": "integer"}},
-    "X-Reconstruction-Mode": {"description": "`rnet`, `rnet+fit` or `fit`", "schema": {"type": "string"}},
+    "X-Reconstruction-Mode": {"description": "`rnet`, `rnet+lm`, `rnet+fit` or `fit`", "schema": {"type": "string"}},
     "Server-Timing": {"description": "milliseconds per stage (`name;dur=ms`, ...)", "schema": {"type": "string"}},
 }
 

@@ -273,7 +273,8 @@ class FaceResult(BaseModel):
     """One reconstructed face."""
 
     index: int = Field(description="0 = the largest face; faces are ordered by box area")
-    mode: str = Field(description="`rnet`, `rnet+fit` or `fit` (test-time fitting from the mean face)")
+    mode: str = Field(description="`rnet`, `rnet+lm` (R-Net + the NumPy landmark stage, `refine=false`), `rnet+fit` "
+                                  "or `fit` (test-time fitting from the mean face)")
     box: list[float] = Field(description="detector box (x0, y0, x1, y1), photo px, y down", min_length=4,
                              max_length=4)
     score: float | None = Field(None, description="detector confidence")
@@ -363,7 +364,7 @@ class SetResponse(BaseModel):
 
     face_model: str
     layout: CoefficientLayout
-    mode: str = Field(description="`rnet`, `rnet+fit` or `fit`")
+    mode: str = Field(description="`rnet`, `rnet+lm`, `rnet+fit` or `fit`")
     aggregation: str = Field(description="how the identity was combined (`shared-identity fit` or `mean`)")
     image_count: int = Field(description="photos the identity was made from (`items`)")
     identity: IdentityCoefficients
@@ -416,5 +417,6 @@ class ModelsResponse(BaseModel):
         None, description="the installed R-Net (its card and ONNX Runtime execution providers), null when none")
     cnet: dict[str, Any] | None = Field(
         None, description="the installed C-Net for image sets (card, providers), null when none")
-    default_mode: str = Field(description="`rnet` or `rnet+fit` with an R-Net, else `fit` (fitting from the mean)")
+    default_mode: str = Field(description="`rnet+fit`, `rnet+lm` or `rnet` with an R-Net, else `fit` (fitting from "
+                                          "the mean)")
     limits: ServiceLimits

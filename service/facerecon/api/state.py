@@ -152,7 +152,7 @@ class ServiceState:
             if self.settings.warmup:
                 self.stage = "warming up"
                 t0 = time.perf_counter()
-                warm_up(rec, self.settings, "rnet" if fit_later else None)
+                warm_up(rec, self.settings, rec.mode_for(False) if fit_later else None)  # type: ignore[attr-defined]
                 self.warmup_ms = (time.perf_counter() - t0) * 1000.0
             self.reconstructor = rec
             if fit_later:
@@ -205,7 +205,7 @@ def _fits_later(rec: ReconstructorLike) -> bool:
     """Whether ``rec`` is the engine with an R-Net and a default mode that fits (its R-Net path can warm first)."""
     from facerecon.pipeline import Reconstructor
 
-    return isinstance(rec, Reconstructor) and rec.rnet is not None and rec.mode_for() != "rnet"
+    return isinstance(rec, Reconstructor) and rec.rnet is not None and "fit" in rec.mode_for()
 
 
 def warm_up(rec: ReconstructorLike, settings: Settings, mode: Mode | None = None) -> None:

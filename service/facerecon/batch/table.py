@@ -10,7 +10,7 @@ source, identity(_id)       where the photo was read; its set, if any
 status                      ``ok`` or ``error``; errors carry ``error_code`` (``no_face``, ``corrupt_image``,
                             ``not_an_image``, ``image_too_large``, ``unreadable``, ``not_found``,
                             ``too_many_images``, ``worker_crashed``, ``internal``) and ``error_message``
-face_model, mode            the face model's name; ``rnet``, ``rnet+fit`` or ``fit``
+face_model, mode            the face model's name; ``rnet``, ``rnet+lm``, ``rnet+fit`` or ``fit``
 coef_<group>                the coefficients by name (float32 lists: id, exp, tex, angle (radians), gamma, trans)
 pose_{pitch,yaw,roll}_deg   head pose, degrees
 landmarks68                 68 x [x, y]: the reconstruction's landmarks in photo pixels (x right, y down)

@@ -1,0 +1,285 @@
+"""The fit's landmark stage without torch: Levenberg-Marquardt on the 68 landmarks, in NumPy, in a few milliseconds.
+
+:func:`refine_landmarks` solves the fit's first-stage objective exactly (:func:`facerecon.objective.landmark_terms`
+with the fit's weights, :class:`facerecon.fit.FitConfig`): for each face
+
+    E = w_lm / 68 * sum_n c_n |q_n - l_n|^2  +  w_coef * (w_id |alpha|^2 + w_exp |beta|^2)
+
+over identity ``alpha``, expression ``beta``, the angles and the translation, where ``q_n`` are the projected
+landmark vertices (:meth:`facerecon.npdecode.NumpyDecoder.landmarks`), ``l_n`` the detector's 68 points in the crop
+and ``c_n`` the reference's per-landmark weights (nose and inner mouth x 20, :data:`LANDMARK_WEIGHTS`). The torch fit
+takes 60 Adam steps on it (~75 ms); this solves it to convergence with a few damped Gauss-Newton steps: the
+residuals are linear in ``alpha`` and ``beta`` before the projection, so the Jacobian of those columns is exact
+(``d proj / d cam . R . basis``), and so are the translation's and the angles' (``d proj / d cam . dR/dθ .
+shape``). Albedo and light are left as they are (the landmarks say nothing about them).
+
+:func:`landmark_stage` is the R-Net path's use of it (mode ``rnet+lm``, ``refine=false``): the same objective with
+its own prior (:data:`FAST_PRIOR`), the hidden half of the jaw contour faded out by yaw and the result handed back to
+the R-Net towards profile (:data:`HIDDEN_JAW_DEG`, :data:`BLEND_DEG`).
+
+Shapes: ``B`` faces, ``K = K_id + K_exp + 6`` unknowns each; every face is solved on its own (a ``K x K`` system).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from facerecon.coefficients import Coefficients
+from facerecon.npdecode import NumpyDecoder
+
+__all__ = ["FREE", "LANDMARK_WEIGHTS", "LandmarkFitResult", "LandmarkPrior", "landmark_stage", "refine_landmarks"]
+
+#: The groups the landmarks determine, in the unknown vector's order.
+FREE = ("id", "exp", "angle", "trans")
+
+#: The reference's landmark weights (PT ``landmark_loss``: nose 28-30 and inner mouth 60-67 x 20), as
+#: :data:`facerecon.losses.LANDMARK_WEIGHTS` (which needs torch).
+LANDMARK_WEIGHTS = np.ones(68, np.float64)
+LANDMARK_WEIGHTS[[28, 29, 30]] = 20.0
+LANDMARK_WEIGHTS[60:68] = 20.0
+
+
+@dataclass(frozen=True)
+class LandmarkPrior:
+    """Weights of the objective (module docstring); defaults: the fit's (:class:`facerecon.fit.FitConfig`: the
+    reference's landmark weight 1.6e-3 and a coefficient prior of 3e-3 with identity 1, expression 0.8)."""
+
+    landmark: float = 1.6e-3
+    coef: float = 3.0e-3
+    coef_id: float = 1.0
+    coef_exp: float = 0.8
+    #: Expression's prior centre: ``False`` zero (the fit's), ``True`` the starting estimate (the R-Net's).
+    exp_to_start: bool = False
+    #: Expression weights are kept in this range (the ICT blendshapes' [0, 1]); None: unbounded, as the torch fit.
+    exp_range: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class LandmarkFitResult:
+    """``coefficients`` (NumPy, as given but for id, exp, angle, trans); mean landmark error (crop px) per face
+    before and after; ``iterations`` taken per face."""
+
+    coefficients: Coefficients
+    error_start: list[float]
+    error_end: list[float]
+    iterations: list[int]
+
+
+def refine_landmarks(decoder: NumpyDecoder, coeffs: Coefficients, target: np.ndarray,
+                     weights: np.ndarray | None = None, prior: LandmarkPrior | None = None,
+                     iterations: int = 8, tol: float = 1e-4, free: tuple[str, ...] = FREE) -> LandmarkFitResult:
+    """Solve the landmark stage for each face (module docstring).
+
+    Args:
+        decoder: the face model's NumPy decoder (its camera is the crop camera).
+        coeffs: ``B`` faces' starting coefficients (NumPy, e.g. the R-Net's).
+        target: ``(B, 68, 2)`` crop px, y up (:attr:`facerecon.pipeline.PreparedFace.lm68_crop`).
+        weights: ``(68,)`` or ``(B, 68)`` per-landmark weights (0 ignores a point); default the reference's.
+        iterations: most damped Gauss-Newton steps per face; ``tol``: stop when a step lowers ``E`` by less than
+            this share.
+        free: the groups solved for (a subset of :data:`FREE`); the others keep their values (a set's shared
+            identity: ``("exp", "angle", "trans")``).
+    """
+    unknown = set(free) - set(FREE)
+    if unknown:
+        raise ValueError(f"free groups must be among {FREE}, got {sorted(unknown)}")
+    prior = prior or LandmarkPrior()
+    c = coeffs.numpy().arrays()
+    b = c.id.shape[0]
+    tgt = np.asarray(target, np.float64).reshape(b, 68, 2)
+    wts = np.broadcast_to(LANDMARK_WEIGHTS if weights is None else np.asarray(weights, np.float64), (b, 68))
+    ids, exps = c.id.astype(np.float64).copy(), c.exp.astype(np.float64).copy()
+    angles, trans = c.angle.astype(np.float64).copy(), c.trans.astype(np.float64).copy()
+    before, after, its = [], [], []
+    solver = _Solver(decoder, prior)
+    lay = decoder.layout
+    mask = np.concatenate([np.full(n, g in free) for g, n in zip(FREE, (lay.id, lay.exp, 3, 3), strict=True)])
+    for i in range(b):
+        x = np.concatenate([ids[i], exps[i], angles[i], trans[i]])
+        before.append(solver.error(x, tgt[i]))
+        x, n = solver.solve(x, tgt[i], wts[i], iterations, tol, mask)
+        after.append(solver.error(x, tgt[i]))
+        its.append(n)
+        ids[i], exps[i], angles[i], trans[i] = np.split(x, solver.splits)
+    f32 = np.float32
+    out = Coefficients(ids.astype(f32), exps.astype(f32), c.tex.copy(), angles.astype(f32), c.gamma.copy(),
+                       trans.astype(f32))
+    return LandmarkFitResult(out, before, after, its)
+
+
+def _rotation_and_derivatives(angle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``R = Rz Ry Rx`` and ``dR / d(θx, θy, θz)`` ``(3, 3, 3)`` (the first axis the angle)."""
+    cx, cy, cz = (math.cos(float(a)) for a in angle)
+    sx, sy, sz = (math.sin(float(a)) for a in angle)
+    rx = np.array([[1.0, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1.0, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1.0]])
+    drx = np.array([[0.0, 0, 0], [0, -sx, -cx], [0, cx, -sx]])
+    dry = np.array([[-sy, 0, cy], [0, 0.0, 0], [-cy, 0, -sy]])
+    drz = np.array([[-sz, -cz, 0], [cz, -sz, 0], [0, 0, 0.0]])
+    ryx = ry @ rx
+    return rz @ ryx, np.stack([rz @ ry @ drx, rz @ dry @ rx, drz @ ryx])
+
+
+def _rotation(angle: np.ndarray) -> np.ndarray:
+    """``R = Rz Ry Rx`` of ``(θx, θy, θz)`` radians (:func:`facerecon.npdecode.euler_to_rotation` for one face)."""
+    cx, cy, cz = (math.cos(float(a)) for a in angle)
+    sx, sy, sz = (math.sin(float(a)) for a in angle)
+    return np.array([
+        [cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx],
+        [sz * cy, sz * sy * sx + cz * cx, sz * sy * cx - cz * sx],
+        [-sy, cy * sx, cy * cx],
+    ])
+
+
+#: The fast path's landmark stage (:func:`landmark_stage`): the jaw contour's hidden half fades out of the
+#: objective between these yaws (degrees); the solution fades back to the R-Net's between ``BLEND_DEG``: towards
+#: profile the detector's 68 points (a mesh made for moderate yaw, the hidden side guessed) are worse than the R-Net's
+#: own (on training-split CFP profiles and HELEN training photos, ``eval.rnet_pose`` mode ``rnet+lm``).
+HIDDEN_JAW_DEG = (20.0, 40.0)
+BLEND_DEG = (30.0, 50.0)
+#: The fast path's prior: identity a third of the fit's, expression 30 times the identity's (the fit's 0.8 let the
+#: expression weights chase the detector's points: on ``eval.synthetic``'s 40 faces the landmark stage then moved
+#: the shape error from the R-Net's 3.69 to 5.66 mm; with 30, 3.63 mm, neutral shape 3.26 vs 3.27, and the 68-point
+#: NME of HELEN training photos 3.45 -> 3.35 %; chosen on those training photos and synthetic faces, not on the
+#: held-out sets).
+FAST_PRIOR = LandmarkPrior(coef=1.0e-3, coef_exp=30.0)
+
+
+def landmark_stage(decoder: NumpyDecoder, coeffs: Coefficients, target: np.ndarray,
+                   prior: LandmarkPrior | None = None, free: tuple[str, ...] = FREE) -> LandmarkFitResult:
+    """The R-Net path's landmark stage (mode ``rnet+lm``): :func:`refine_landmarks` from the R-Net's ``coeffs`` with
+    each face's hidden jaw half faded out by its yaw (:data:`HIDDEN_JAW_DEG`), then blended back towards the R-Net's
+    coefficients by yaw (:data:`BLEND_DEG`). ``target``: ``(B, 68, 2)`` crop px, y up."""
+    c = coeffs.numpy().arrays()
+    yaw = np.degrees(c.angle[:, 1].astype(np.float64))
+    side = np.sign(decoder._lm_mean[:17, 0])  # model x of the jaw contour's points (+x: the face's left)
+    w = np.tile(LANDMARK_WEIGHTS, (len(yaw), 1))
+    fade = np.clip((np.abs(yaw) - HIDDEN_JAW_DEG[0]) / (HIDDEN_JAW_DEG[1] - HIDDEN_JAW_DEG[0]), 0.0, 1.0)
+    # a head turned by +yaw shows its -x side: the +x half of the contour curves away from the camera
+    hidden = side[None, :] == np.sign(yaw)[:, None]
+    w[:, :17] *= np.where(hidden, 1.0 - fade[:, None], 1.0)
+    res = refine_landmarks(decoder, coeffs, target, w, prior or FAST_PRIOR, free=free)
+    back = np.clip((np.abs(yaw) - BLEND_DEG[0]) / (BLEND_DEG[1] - BLEND_DEG[0]), 0.0, 1.0)
+    if not back.any():
+        return res
+    r = res.coefficients.arrays()
+    k = back[:, None].astype(np.float32)
+    mixed = Coefficients(*[(1 - k) * a + k * b for a, b in zip(r, c, strict=True)])
+    tgt = np.asarray(target, np.float64).reshape(len(yaw), 68, 2)
+    end = np.linalg.norm(decoder.landmarks(mixed) - tgt, axis=-1).mean(-1)
+    return LandmarkFitResult(mixed, res.error_start, [float(v) for v in end], res.iterations)
+
+
+class _Solver:
+    """One face's residuals and Jacobian over ``x = [alpha, beta, angle(3), trans(3)]`` (float64)."""
+
+    def __init__(self, decoder: NumpyDecoder, prior: LandmarkPrior) -> None:
+        k_id, k_exp = decoder.layout.id, decoder.layout.exp
+        self.splits = [k_id, k_id + k_exp, k_id + k_exp + 3]
+        self.mean = decoder._lm_mean.astype(np.float64)  # (68, 3)
+        self.b_id = decoder._lm_id.astype(np.float64).reshape(k_id, 68, 3)
+        self.b_exp = decoder._lm_exp.astype(np.float64).reshape(k_exp, 68, 3)
+        self.basis = np.concatenate([self.b_id, self.b_exp])  # (K_id + K_exp, 68, 3)
+        self.basis_t = np.ascontiguousarray(self.basis.transpose(1, 2, 0))  # (68, 3, K_id + K_exp)
+        intr = decoder.camera.intrinsics
+        self.fx, self.fy, self.cx, self.cy = intr.fx, intr.fy, intr.cx, intr.cy
+        self.distance = float(decoder.camera.distance)
+        self.prior = prior
+        # the prior's diagonal (per unknown) and the landmark term's scale
+        self.reg = np.concatenate([np.full(k_id, prior.coef * prior.coef_id),
+                                   np.full(k_exp, prior.coef * prior.coef_exp), np.zeros(6)])
+        self.lm_scale = prior.landmark / 68.0
+        self.centre = np.zeros(self.splits[2] + 3)  # the prior's centre (set per face by solve)
+
+    def _shape(self, x: np.ndarray) -> np.ndarray:
+        n = self.splits[1]
+        return self.mean + np.tensordot(x[:n], self.basis, axes=1)
+
+    def _camera(self, shape: np.ndarray, angle: np.ndarray, trans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rot = _rotation(angle)
+        world = shape @ rot.T + trans
+        cam = np.concatenate([world[:, :2], self.distance - world[:, 2:3]], axis=1)
+        return cam, rot
+
+    def _project(self, cam: np.ndarray) -> np.ndarray:
+        d = cam[:, 2]
+        return np.stack([self.fx * cam[:, 0] / d + self.cx, self.fy * cam[:, 1] / d + self.cy], axis=1)
+
+    def landmarks(self, x: np.ndarray) -> np.ndarray:
+        cam, _ = self._camera(self._shape(x), x[self.splits[1]:self.splits[2]], x[self.splits[2]:])
+        return self._project(cam)
+
+    def error(self, x: np.ndarray, target: np.ndarray) -> float:
+        return float(np.linalg.norm(self.landmarks(x) - target, axis=1).mean())
+
+    def energy(self, x: np.ndarray, target: np.ndarray, w: np.ndarray) -> float:
+        r = self.landmarks(x) - target
+        return float(self.lm_scale * (w * (r ** 2).sum(1)).sum() + (self.reg * (x - self.centre) ** 2).sum())
+
+    def jacobian(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Projected landmarks ``(68, 2)`` and their Jacobian ``(68, 2, K)``."""
+        s1, s2 = self.splits[1], self.splits[2]
+        shape = self._shape(x)
+        angle, trans = x[s1:s2], x[s2:]
+        cam, rot = self._camera(shape, angle, trans)
+        q = self._project(cam)
+        d = cam[:, 2]
+        # d q / d world (68, 2, 3): cam = (x, y, distance - z)
+        dq = np.zeros((68, 2, 3))
+        dq[:, 0, 0] = self.fx / d
+        dq[:, 0, 2] = self.fx * cam[:, 0] / d ** 2
+        dq[:, 1, 1] = self.fy / d
+        dq[:, 1, 2] = self.fy * cam[:, 1] / d ** 2
+        jac = np.empty((68, 2, x.size))
+        # shape coefficients: world = R (mean + sum x_k B_k) + t
+        m = dq @ rot  # (68, 2, 3): d q / d shape
+        jac[:, :, :s1] = m @ self.basis_t
+        # angles: world = R(θ) shape + t, so d world / d θk = shape dR_k^T
+        _, d_rot = _rotation_and_derivatives(angle)
+        jac[:, :, s1:s2] = np.einsum("nij,knj->nik", dq, shape @ d_rot.transpose(0, 2, 1))
+        jac[:, :, s2:] = dq
+        return q, jac
+
+    def solve(self, x: np.ndarray, target: np.ndarray, w: np.ndarray, iterations: int, tol: float,
+              free: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Levenberg-Marquardt (Marquardt's diagonal scaling) from ``x`` over the unknowns ``free`` marks (all by
+        default); returns the solution and the steps taken."""
+        free = np.ones(x.size, bool) if free is None else free
+        self.centre = np.zeros_like(x)
+        if self.prior.exp_to_start:
+            self.centre[self.splits[0]:self.splits[1]] = x[self.splits[0]:self.splits[1]]
+        e = self.energy(x, target, w)
+        wr = np.repeat(w, 2) * self.lm_scale
+        reg = self.reg[free]
+        mu = 1e-3
+        n = 0
+        for n in range(1, iterations + 1):
+            q, jac = self.jacobian(x)
+            j = jac.reshape(136, -1)[:, free]
+            r = (q - target).reshape(136)
+            h = j.T @ (j * wr[:, None]) + np.diag(reg)
+            g = j.T @ (wr * r) + reg * (x - self.centre)[free]
+            diag = np.diag(h).copy()
+            while True:
+                x_new = x.copy()
+                x_new[free] += np.linalg.solve(h + mu * np.diag(diag + 1e-12), -g)
+                if self.prior.exp_range is not None:  # projected onto the box (a projected LM step)
+                    lo, hi = self.prior.exp_range
+                    s0, s1 = self.splits[0], self.splits[1]
+                    x_new[s0:s1] = np.clip(x_new[s0:s1], lo, hi)
+                e_new = self.energy(x_new, target, w)
+                if e_new < e:
+                    mu = max(mu / 3, 1e-7)
+                    break
+                mu *= 4
+                if mu > 1e6:
+                    return x, n
+            done = (e - e_new) < tol * e
+            x, e = x_new, e_new
+            if done:
+                break
+        return x, n
