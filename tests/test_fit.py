@@ -53,6 +53,23 @@ def test_reference_skin_gmm_on_known_colours() -> None:
     assert a.tolist() == pytest.approx([0.2, 1.0])
 
 
+def test_skin_mixture_density_is_the_sum_of_weighted_gaussians() -> None:
+    """The mixture density (its quadratic form written out) against scipy's multivariate normal pdf, and the
+    posterior against the naive-Bayes formula with the 0.8 / 0.2 priors."""
+    from scipy.stats import multivariate_normal
+
+    x = np.random.default_rng(0).uniform(0, 255, (500, 3))
+    ycc = rgb_to_ycbcr(x)
+    for gm in (REFERENCE_GMM.skin, REFERENCE_GMM.nonskin):
+        ref = sum(w * multivariate_normal(mu, cov).pdf(ycc)
+                  for w, mu, cov in zip(gm.weights, gm.means, gm.covariances, strict=True))
+        np.testing.assert_allclose(gm.likelihood(ycc), ref, rtol=1e-10, atol=1e-300)
+    rgb = x.round().astype(np.uint8)
+    ls, ln = (gm.likelihood(rgb_to_ycbcr(rgb)) for gm in (REFERENCE_GMM.skin, REFERENCE_GMM.nonskin))
+    got = REFERENCE_GMM.probability(rgb.reshape(20, 25, 3)).reshape(-1)
+    np.testing.assert_allclose(got, (0.8 * ls / (0.8 * ls + 0.2 * ln)).astype(np.float32), rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def synthetic(ict_model, ict_decoder):
     from facerecon.render import get_renderer
