@@ -38,12 +38,12 @@ def test_rotation_is_the_decoders() -> None:
 
 def test_jacobian_matches_finite_differences(npdec: NumpyDecoder) -> None:
     rng = np.random.default_rng(1)
-    c = _random_face(npdec, rng, 35.0).arrays()
+    face = _random_face(npdec, rng, 35.0)
+    c = face.arrays()
     x = np.concatenate([c.id[0], c.exp[0], c.angle[0], c.trans[0]]).astype(np.float64)
     s = _Solver(npdec, LandmarkPrior())
     q, jac = s.jacobian(x)
-    np.testing.assert_allclose(q, npdec.landmarks(_random_face(npdec, np.random.default_rng(1), 35.0))[0],
-                               atol=2e-3)
+    np.testing.assert_allclose(q, npdec.landmarks(face)[0], atol=2e-3)
     for k in rng.choice(x.size, 12, replace=False):
         e = np.zeros_like(x)
         e[k] = 1e-4
@@ -109,16 +109,6 @@ def test_it_solves_the_torch_fits_own_objective(npdec: NumpyDecoder, ict_decoder
     assert e1 <= e_adam, (e1, e_adam)
 
 
-def _weights() -> np.ndarray:
-    from facerecon.losses import LANDMARK_WEIGHTS
-
-    return LANDMARK_WEIGHTS.numpy().astype(np.float64)
-
-
-def test_the_numpy_weights_are_the_losses() -> None:
-    from facerecon.npfit import LANDMARK_WEIGHTS
-
-    np.testing.assert_array_equal(LANDMARK_WEIGHTS, _weights())
 
 
 def test_frozen_groups_keep_their_values(npdec: NumpyDecoder) -> None:

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: Landmark weights of the reference: 20 on the nose (0-based 28, 29, 30) and the inner mouth (60-67), else 1.
-LANDMARK_WEIGHTS = torch.ones(68)
-LANDMARK_WEIGHTS[[28, 29, 30]] = 20.0
-LANDMARK_WEIGHTS[60:68] = 20.0
+from facerecon.landmarks import LANDMARK_WEIGHTS_68
+
+#: Landmark weights of the reference: 20 on the nose (0-based 28, 29, 30) and the inner mouth (60-67), else 1
+#: (:data:`facerecon.landmarks.LANDMARK_WEIGHTS_68` as a float32 tensor).
+LANDMARK_WEIGHTS = torch.tensor(LANDMARK_WEIGHTS_68, dtype=torch.float32)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ them on the shipped model). :class:`DecodedFace` lives here so that the results 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -113,6 +114,15 @@ class NumpyDecoder:
         names = ("mean_shape", "mean_albedo", "id_basis", "exp_basis", "albedo_basis", "triangles", "point_buf",
                  "landmarks68")
         return cls({k: getattr(model, k).detach().cpu().numpy() for k in names}, model.layout, camera)
+
+    @functools.cached_property
+    def landmark_basis(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The 68 landmark vertices' mean ``(68, 3)``, identity-then-expression basis ``(K, 68, 3)`` and the same
+        basis as ``(68, 3, K)`` (K = K_id + K_exp), float64: what :mod:`facerecon.npfit` solves over, made once per
+        decoder."""
+        k = self.layout.id + self.layout.exp
+        basis = np.concatenate([self._lm_id, self._lm_exp]).astype(np.float64).reshape(k, 68, 3)
+        return self._lm_mean.astype(np.float64), basis, np.ascontiguousarray(basis.transpose(1, 2, 0))
 
     def _check(self, coeffs: Coefficients) -> CoefficientArrays:
         if coeffs.layout != self.layout:

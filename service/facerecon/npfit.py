@@ -7,8 +7,9 @@ with the fit's weights, :class:`facerecon.fit.FitConfig`): for each face
 
 over identity ``alpha``, expression ``beta``, the angles and the translation, where ``q_n`` are the projected
 landmark vertices (:meth:`facerecon.npdecode.NumpyDecoder.landmarks`), ``l_n`` the detector's 68 points in the crop
-and ``c_n`` the reference's per-landmark weights (nose and inner mouth x 20, :data:`LANDMARK_WEIGHTS`). The torch fit
-takes 60 Adam steps on it (~75 ms); this solves it to convergence with a few damped Gauss-Newton steps: the
+and ``c_n`` the reference's per-landmark weights (nose and inner mouth x 20,
+:data:`facerecon.landmarks.LANDMARK_WEIGHTS_68`). The torch fit takes 60 Adam steps on it (~75 ms); this solves it
+to convergence with a few damped Gauss-Newton steps: the
 residuals are linear in ``alpha`` and ``beta`` before the projection, so the Jacobian of those columns is exact
 (``d proj / d cam . R . basis``), and so are the translation's and the angles' (``d proj / d cam . dR/dθ .
 shape``). Albedo and light are left as they are (the landmarks say nothing about them).
@@ -28,18 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from facerecon.coefficients import Coefficients
+from facerecon.landmarks import LANDMARK_WEIGHTS_68
 from facerecon.npdecode import NumpyDecoder
 
-__all__ = ["FREE", "LANDMARK_WEIGHTS", "LandmarkFitResult", "LandmarkPrior", "landmark_stage", "refine_landmarks"]
+__all__ = ["FREE", "LandmarkFitResult", "LandmarkPrior", "landmark_stage", "refine_landmarks"]
 
 #: The groups the landmarks determine, in the unknown vector's order.
 FREE = ("id", "exp", "angle", "trans")
-
-#: The reference's landmark weights (PT ``landmark_loss``: nose 28-30 and inner mouth 60-67 x 20), as
-#: :data:`facerecon.losses.LANDMARK_WEIGHTS` (which needs torch).
-LANDMARK_WEIGHTS = np.ones(68, np.float64)
-LANDMARK_WEIGHTS[[28, 29, 30]] = 20.0
-LANDMARK_WEIGHTS[60:68] = 20.0
 
 
 @dataclass(frozen=True)
@@ -51,10 +47,6 @@ class LandmarkPrior:
     coef: float = 3.0e-3
     coef_id: float = 1.0
     coef_exp: float = 0.8
-    #: Expression's prior centre: ``False`` zero (the fit's), ``True`` the starting estimate (the R-Net's).
-    exp_to_start: bool = False
-    #: Expression weights are kept in this range (the ICT blendshapes' [0, 1]); None: unbounded, as the torch fit.
-    exp_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +82,7 @@ def refine_landmarks(decoder: NumpyDecoder, coeffs: Coefficients, target: np.nda
     c = coeffs.numpy().arrays()
     b = c.id.shape[0]
     tgt = np.asarray(target, np.float64).reshape(b, 68, 2)
-    wts = np.broadcast_to(LANDMARK_WEIGHTS if weights is None else np.asarray(weights, np.float64), (b, 68))
+    wts = np.broadcast_to(LANDMARK_WEIGHTS_68 if weights is None else np.asarray(weights, np.float64), (b, 68))
     ids, exps = c.id.astype(np.float64).copy(), c.exp.astype(np.float64).copy()
     angles, trans = c.angle.astype(np.float64).copy(), c.trans.astype(np.float64).copy()
     before, after, its = [], [], []
@@ -110,8 +102,8 @@ def refine_landmarks(decoder: NumpyDecoder, coeffs: Coefficients, target: np.nda
     return LandmarkFitResult(out, before, after, its)
 
 
-def _rotation_and_derivatives(angle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``R = Rz Ry Rx`` and ``dR / d(θx, θy, θz)`` ``(3, 3, 3)`` (the first axis the angle)."""
+def _rotation_derivatives(angle: np.ndarray) -> np.ndarray:
+    """``dR / d(θx, θy, θz)`` of ``R = Rz Ry Rx``: ``(3, 3, 3)``, the first axis the angle."""
     cx, cy, cz = (math.cos(float(a)) for a in angle)
     sx, sy, sz = (math.sin(float(a)) for a in angle)
     rx = np.array([[1.0, 0, 0], [0, cx, -sx], [0, sx, cx]])
@@ -120,8 +112,7 @@ def _rotation_and_derivatives(angle: np.ndarray) -> tuple[np.ndarray, np.ndarray
     drx = np.array([[0.0, 0, 0], [0, -sx, -cx], [0, cx, -sx]])
     dry = np.array([[-sy, 0, cy], [0, 0.0, 0], [-cy, 0, -sy]])
     drz = np.array([[-sz, -cz, 0], [cz, -sz, 0], [0, 0, 0.0]])
-    ryx = ry @ rx
-    return rz @ ryx, np.stack([rz @ ry @ drx, rz @ dry @ rx, drz @ ryx])
+    return np.stack([rz @ ry @ drx, rz @ dry @ rx, drz @ ry @ rx])
 
 
 def _rotation(angle: np.ndarray) -> np.ndarray:
@@ -156,8 +147,8 @@ def landmark_stage(decoder: NumpyDecoder, coeffs: Coefficients, target: np.ndarr
     coefficients by yaw (:data:`BLEND_DEG`). ``target``: ``(B, 68, 2)`` crop px, y up."""
     c = coeffs.numpy().arrays()
     yaw = np.degrees(c.angle[:, 1].astype(np.float64))
-    side = np.sign(decoder._lm_mean[:17, 0])  # model x of the jaw contour's points (+x: the face's left)
-    w = np.tile(LANDMARK_WEIGHTS, (len(yaw), 1))
+    side = np.sign(decoder.landmark_basis[0][:17, 0])  # model x of the jaw contour's points (+x: the face's left)
+    w = np.tile(LANDMARK_WEIGHTS_68, (len(yaw), 1))
     fade = np.clip((np.abs(yaw) - HIDDEN_JAW_DEG[0]) / (HIDDEN_JAW_DEG[1] - HIDDEN_JAW_DEG[0]), 0.0, 1.0)
     # a head turned by +yaw shows its -x side: the +x half of the contour curves away from the camera
     hidden = side[None, :] == np.sign(yaw)[:, None]
@@ -180,20 +171,14 @@ class _Solver:
     def __init__(self, decoder: NumpyDecoder, prior: LandmarkPrior) -> None:
         k_id, k_exp = decoder.layout.id, decoder.layout.exp
         self.splits = [k_id, k_id + k_exp, k_id + k_exp + 3]
-        self.mean = decoder._lm_mean.astype(np.float64)  # (68, 3)
-        self.b_id = decoder._lm_id.astype(np.float64).reshape(k_id, 68, 3)
-        self.b_exp = decoder._lm_exp.astype(np.float64).reshape(k_exp, 68, 3)
-        self.basis = np.concatenate([self.b_id, self.b_exp])  # (K_id + K_exp, 68, 3)
-        self.basis_t = np.ascontiguousarray(self.basis.transpose(1, 2, 0))  # (68, 3, K_id + K_exp)
+        self.mean, self.basis, self.basis_t = decoder.landmark_basis  # (68, 3), (K, 68, 3), (68, 3, K)
         intr = decoder.camera.intrinsics
         self.fx, self.fy, self.cx, self.cy = intr.fx, intr.fy, intr.cx, intr.cy
         self.distance = float(decoder.camera.distance)
-        self.prior = prior
         # the prior's diagonal (per unknown) and the landmark term's scale
         self.reg = np.concatenate([np.full(k_id, prior.coef * prior.coef_id),
                                    np.full(k_exp, prior.coef * prior.coef_exp), np.zeros(6)])
         self.lm_scale = prior.landmark / 68.0
-        self.centre = np.zeros(self.splits[2] + 3)  # the prior's centre (set per face by solve)
 
     def _shape(self, x: np.ndarray) -> np.ndarray:
         n = self.splits[1]
@@ -218,7 +203,7 @@ class _Solver:
 
     def energy(self, x: np.ndarray, target: np.ndarray, w: np.ndarray) -> float:
         r = self.landmarks(x) - target
-        return float(self.lm_scale * (w * (r ** 2).sum(1)).sum() + (self.reg * (x - self.centre) ** 2).sum())
+        return float(self.lm_scale * (w * (r ** 2).sum(1)).sum() + (self.reg * x ** 2).sum())
 
     def jacobian(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Projected landmarks ``(68, 2)`` and their Jacobian ``(68, 2, K)``."""
@@ -239,7 +224,7 @@ class _Solver:
         m = dq @ rot  # (68, 2, 3): d q / d shape
         jac[:, :, :s1] = m @ self.basis_t
         # angles: world = R(θ) shape + t, so d world / d θk = shape dR_k^T
-        _, d_rot = _rotation_and_derivatives(angle)
+        d_rot = _rotation_derivatives(angle)
         jac[:, :, s1:s2] = np.einsum("nij,knj->nik", dq, shape @ d_rot.transpose(0, 2, 1))
         jac[:, :, s2:] = dq
         return q, jac
@@ -249,9 +234,6 @@ class _Solver:
         """Levenberg-Marquardt (Marquardt's diagonal scaling) from ``x`` over the unknowns ``free`` marks (all by
         default); returns the solution and the steps taken."""
         free = np.ones(x.size, bool) if free is None else free
-        self.centre = np.zeros_like(x)
-        if self.prior.exp_to_start:
-            self.centre[self.splits[0]:self.splits[1]] = x[self.splits[0]:self.splits[1]]
         e = self.energy(x, target, w)
         wr = np.repeat(w, 2) * self.lm_scale
         reg = self.reg[free]
@@ -262,15 +244,11 @@ class _Solver:
             j = jac.reshape(136, -1)[:, free]
             r = (q - target).reshape(136)
             h = j.T @ (j * wr[:, None]) + np.diag(reg)
-            g = j.T @ (wr * r) + reg * (x - self.centre)[free]
+            g = j.T @ (wr * r) + reg * x[free]
             diag = np.diag(h).copy()
             while True:
                 x_new = x.copy()
                 x_new[free] += np.linalg.solve(h + mu * np.diag(diag + 1e-12), -g)
-                if self.prior.exp_range is not None:  # projected onto the box (a projected LM step)
-                    lo, hi = self.prior.exp_range
-                    s0, s1 = self.splits[0], self.splits[1]
-                    x_new[s0:s1] = np.clip(x_new[s0:s1], lo, hi)
                 e_new = self.energy(x_new, target, w)
                 if e_new < e:
                     mu = max(mu / 3, 1e-7)

@@ -63,8 +63,8 @@ def warm_up_engine(rec: Reconstructor, image: np.ndarray | None = None, mode: Mo
     Args:
         image: a photo with a face (``settings.warmup_image``); default: :func:`synthetic_face_photo` when the
             mode fits, blank inputs for the R-Net alone.
-        mode: ``rnet`` warms the torch-free R-Net path only (the service turns ready after it and warms the default
-            mode's fit next, ``settings.warmup_fit_after_ready``).
+        mode: a mode without a fit (``rnet``, ``rnet+lm``) warms the torch-free R-Net path only (the service turns
+            ready after it and warms the default mode's fit next, ``settings.warmup_fit_after_ready``).
     """
     from facerecon.coefficients import Coefficients
     from facerecon.errors import NoFaceFound
