@@ -96,6 +96,10 @@ class Detections:
         d = np.array([dx, dy], np.float32)
         return Detections((self.boxes.reshape(-1, 2, 2) + d).reshape(-1, 4), self.keypoints + d, self.scores)
 
+    def take(self, keep: np.ndarray) -> Detections:
+        """The detections where the boolean mask ``keep`` ``(N,)`` is set."""
+        return Detections(self.boxes[keep], self.keypoints[keep], self.scores[keep])
+
     @staticmethod
     def concat(parts: list[Detections]) -> Detections:
         if not parts:
@@ -139,6 +143,23 @@ def weighted_nms(det: Detections, iou: float = NMS_IOU) -> Detections:
         out_s.append(scores[i])
         alive[overlap] = False
     return Detections(np.array(out_b, np.float32), np.array(out_k, np.float32), np.array(out_s, np.float32))
+
+
+def merge_passes(first: Detections, rest: list[Detections], keep_score: float, iou: float = NMS_IOU) -> Detections:
+    """The faces of several detector passes over one photo: ``first``'s detections scoring at least ``keep_score``
+    exactly as that pass gave them, then :func:`weighted_nms` over everything else that does not overlap one of
+    them by more than ``iou``. A face the first pass finds confidently so keeps one box whatever other passes run
+    (averaging it with another pass's box moved the face mesh's crop and the 68 landmarks by a few pixels, so one
+    face got two reconstructions: largest face alone vs all faces)."""
+    sure = first.take(first.scores >= keep_score)
+    others = Detections.concat([first.take(first.scores < keep_score), *rest])
+    if len(sure) and len(others):
+        clear = np.ones(len(others), bool)
+        for box in sure.boxes:
+            clear &= _iou(box, others.boxes) <= iou
+        others = others.take(clear)
+    merged = weighted_nms(others) if len(others) else others
+    return Detections.concat([sure, merged]) if len(sure) else merged
 
 
 class BlazeFace:
