@@ -106,3 +106,41 @@ def test_save_is_deterministic_and_validates(tmp_path: Path) -> None:
     arrays["face_mask"] = arrays["face_mask"][:-1]
     with pytest.raises(ModelFileError, match="face_mask has shape"):
         save_face_model(tmp_path / "c.npz", arrays, data.card)
+
+
+def test_the_uncompressed_copy_gives_the_same_model_and_a_damaged_one_is_replaced(tmp_path: Path) -> None:
+    """With ``cache_dir`` the first load stores the arrays uncompressed under the shipped file's sha256; the next
+    reads them from there (same arrays, same card); a copy with flipped bytes fails its zip CRC, is dropped and
+    written again from the shipped file."""
+    import zipfile
+
+    cache = tmp_path / "cache"
+    plain = load_face_model(ICT_MODEL)
+    first = load_face_model(ICT_MODEL, cache_dir=cache)
+    sha = json.loads(ICT_MODEL.with_suffix(".json").read_text())["sha256"]
+    stored = cache / "facemodels" / f"{sha}.npz"
+    assert stored.is_file() and stored.stat().st_size > ICT_MODEL.stat().st_size  # stored, not deflated
+    with zipfile.ZipFile(stored) as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_STORED}
+    again = load_face_model(ICT_MODEL, cache_dir=cache)
+    for data in (first, again):
+        assert data.card == plain.card and set(data.arrays) == set(plain.arrays)
+        for k, v in plain.arrays.items():
+            np.testing.assert_array_equal(data.arrays[k], v)
+            assert data.arrays[k].dtype == v.dtype
+    raw = bytearray(stored.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + 16] = bytes(b ^ 0xFF for b in raw[mid : mid + 16])
+    stored.write_bytes(bytes(raw))
+    repaired = load_face_model(ICT_MODEL, cache_dir=cache)
+    np.testing.assert_array_equal(repaired["id_basis"], plain["id_basis"])
+    from facerecon.facemodel.format import _read_stored
+
+    assert _read_stored(stored) is not None  # written again, whole
+
+
+def test_an_unwritable_cache_still_loads(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    data = load_face_model(ICT_MODEL, cache_dir=blocker)  # <file>/facemodels cannot be made
+    np.testing.assert_array_equal(data["mean_shape"], load_face_model(ICT_MODEL)["mean_shape"])

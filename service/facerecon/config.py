@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for decoding/fitting")
     renderer: Literal["auto", "cpu", "nvdiffrast"] = Field("auto", description="rasteriser backend")
     cache_dir: Path | None = Field(
-        None, description="cache of decompressed networks (default $XDG_CACHE_HOME/facerecon, else "
+        None, description="cache of decompressed networks and of the uncompressed face model (default "
+                          "$XDG_CACHE_HOME/facerecon, else "
                           "~/.cache/facerecon; unwritable: decompressed in memory at every start)")
     onnx_threads: int | None = Field(
         None, ge=0, description="onnxruntime intra-op threads of the R-Net/C-Net sessions (default: torch_threads; "
@@ -99,8 +100,8 @@ class Settings(BaseSettings):
 
 
 def network_cache_dir(settings: Settings) -> Path:
-    """Where decompressed networks are cached: ``settings.cache_dir``, else ``$XDG_CACHE_HOME/facerecon``, else
-    ``~/.cache/facerecon``."""
+    """Where decompressed networks (``networks/``) and the uncompressed face model (``facemodels/``) are kept
+    between starts: ``settings.cache_dir``, else ``$XDG_CACHE_HOME/facerecon``, else ``~/.cache/facerecon``."""
     import os
 
     if settings.cache_dir is not None:

@@ -188,7 +188,8 @@ class Reconstructor:
         self._lock_: AbstractContextManager[Any] | None = None
         self.data: FaceModelData | None = None
         if face_model is None:
-            self.data = load_face_model(resolve(self.settings.models_dir, self.settings.face_model))
+            self.data = load_face_model(resolve(self.settings.models_dir, self.settings.face_model),
+                                        cache_dir=network_cache_dir(self.settings))
             self.card: FaceModelCard = self.data.card
             self.np_decoder = NumpyDecoder.from_data(self.data)
             self.has_uvs = self.data.get("uv_coords") is not None
