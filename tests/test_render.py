@@ -568,3 +568,22 @@ def test_encode_png_round_trips_and_save_png_uses_it(tmp_path) -> None:
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), image)
     with pytest.raises(ValueError):
         encode_png(image[..., :2])
+
+
+def test_rasterize_arrays_is_the_renderers_raster_on_numpy(ict_model, ict_decoder) -> None:
+    """The fit's no-torch raster entry point gives exactly the renderer's triangle ids and compact covered pixels."""
+    from facerecon.coefficients import Coefficients
+    from facerecon.render.cpu import rasterize_arrays
+
+    c = Coefficients.zeros(ict_model.layout, 1)
+    with torch.no_grad():
+        cam = ict_decoder(c).vertices_cam
+    intr = ict_decoder.camera.intrinsics.scaled(0.5)
+    ref = CPU.rasterize(cam, ict_model.triangles, intr)
+    tid, pixels, verts, bary = rasterize_arrays(cam[0].double().numpy(), ict_model.triangles.numpy(), intr)
+    assert torch.equal(torch.from_numpy(tid), ref.triangle_id[0])
+    assert torch.equal(torch.from_numpy(pixels), ref.pixels)
+    assert torch.equal(torch.from_numpy(verts), ref.pixel_vertices)
+    np.testing.assert_allclose(bary, ref.pixel_barycentrics.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="indexes outside"):
+        rasterize_arrays(cam[0].numpy(), np.array([[0, 1, 10**6]]), intr)

@@ -59,7 +59,7 @@ from facerecon.render.base import (
     interpolate_covered,
 )
 
-__all__ = ["CpuRenderer", "warmup"]
+__all__ = ["CpuRenderer", "rasterize_arrays", "warmup"]
 
 logger = logging.getLogger(__name__)
 
@@ -549,6 +549,39 @@ def _interpolate(attributes: Tensor, raster: Raster, triangles: Tensor, *, chann
     b, h, w, c = raster.batch_size, raster.height, raster.width, attributes.shape[2]
     out = _Interpolate.apply(attributes, raster.pixel_barycentrics, _CoveredPixels(raster), channels_first)
     return out.view(b, c, h, w) if channels_first else out.view(b, h, w, c)
+
+
+def rasterize_arrays(
+    vertices: np.ndarray,
+    triangles: np.ndarray,
+    intrinsics: Intrinsics,
+    znear: float = DEFAULT_ZNEAR,
+    zfar: float = DEFAULT_ZFAR,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The no-grad raster of one image straight on NumPy arrays (no torch, no validation): for callers that
+    rasterise in a loop and keep their own arrays (the fit's fused photometric objective, :mod:`facerecon.fit`).
+
+    Args:
+        vertices: ``(N, 3)`` float64 (or float32) camera-space ``(x, y, d)``.
+        triangles: ``(F, 3)`` int64 in ``[0, N)`` (checked: raises ``ValueError`` otherwise).
+        intrinsics: image size and projection.
+
+    Returns:
+        ``(triangle_id (H, W) int64 (-1 = background), pixels (P,) flat row-major, pixel_vertices (P, 3),
+        pixel_barycentrics (P, 3))``, as :meth:`CpuRenderer.rasterize`'s compact covered-pixel arrays.
+    """
+    height, width = int(intrinsics.height), int(intrinsics.width)
+    verts = np.ascontiguousarray(vertices)[None]
+    triangle_id = np.empty((1, height, width), np.int64)
+    bary = np.zeros((1, height, width, 3), verts.dtype)
+    depth = np.empty((1, height, width), verts.dtype)
+    bad, pixels, _, pixel_vertices, pixel_bary = _rasterize_kernel(
+        verts, np.ascontiguousarray(triangles), float(intrinsics.fx), float(intrinsics.fy), float(intrinsics.cx),
+        float(intrinsics.cy), float(znear), float(zfar), triangle_id, bary, depth,
+    )
+    if bad >= 0:
+        raise ValueError(f"triangles[{bad}] indexes outside the {verts.shape[1]} vertices (0-based ids)")
+    return triangle_id[0], pixels, pixel_vertices, pixel_bary
 
 
 class CpuRenderer(Renderer):
