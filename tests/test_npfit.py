@@ -8,7 +8,7 @@ import pytest
 
 from facerecon.coefficients import Coefficients
 from facerecon.npdecode import NumpyDecoder, euler_to_rotation
-from facerecon.npfit import LandmarkPrior, _rotation, _Solver, refine_landmarks
+from facerecon.npfit import LandmarkPrior, _Solver, refine_landmarks, rotation
 
 from .conftest import ICT_MODEL
 
@@ -33,7 +33,7 @@ def test_rotation_is_the_decoders() -> None:
     rng = np.random.default_rng(0)
     for _ in range(5):
         a = rng.uniform(-1.5, 1.5, 3)
-        np.testing.assert_allclose(_rotation(a), euler_to_rotation(a[None])[0], atol=1e-12)
+        np.testing.assert_allclose(rotation(a), euler_to_rotation(a[None])[0], atol=1e-12)
 
 
 def test_jacobian_matches_finite_differences(npdec: NumpyDecoder) -> None:

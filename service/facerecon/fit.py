@@ -58,8 +58,10 @@ from facerecon.coefficients import Coefficients
 from facerecon.decoder import FaceDecoder
 from facerecon.geometry import INIT_LIGHT, SH_CONSTANTS
 from facerecon.geometry import sh_basis as geometry_sh
+from facerecon.npfit import rotation, rotation_derivatives
 from facerecon.objective import CROP, hybrid_terms, landmark_terms
 from facerecon.render.base import Renderer
+from facerecon.render.cpu import ray_triple
 
 log = logging.getLogger(__name__)
 
@@ -472,6 +474,23 @@ def _shade_forward(s, tris, pb, rot, trans, albedo, gam, distance, fn, fnorm, n,
             cam[v, a] = distance - wv if a == 2 else wv
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _ray_barycentrics(cam, tri, rx, ry, vs, bc):
+    """The perspective-correct barycentrics of the ray ``(rx, ry, 1)`` in triangle ``tri`` of ``cam`` ``(M, 3)``, as
+    the CPU rasteriser computes them (``b_i = e_i / sum e``, ``e_i = r . (V_j x V_k)``, :func:`ray_triple`): the
+    triangle's vertices into ``vs`` (3, 3), the barycentrics into ``bc`` (3,); returns ``1 / sum e``."""
+    for m in range(3):
+        for c in range(3):
+            vs[m, c] = cam[tri[m], c]
+    for m in range(3):
+        j, k = (m + 1) % 3, (m + 2) % 3
+        bc[m] = ray_triple(rx, ry, vs[j, 0], vs[j, 1], vs[j, 2], vs[k, 0], vs[k, 1], vs[k, 2])
+    inv = 1.0 / (bc[0] + bc[1] + bc[2])
+    for m in range(3):
+        bc[m] *= inv
+    return inv
+
+
 @njit(cache=True, nogil=True)
 def _photo_kernel(cam, color, pix_tris, rays, target, weight, scale, g_cam, g_color):
     """``sum_p weight_p sqrt(1e-6 + |c_p - I_p|^2)`` over the selected pixels, ``c_p`` the colour interpolated with
@@ -484,16 +503,7 @@ def _photo_kernel(cam, color, pix_tris, rays, target, weight, scale, g_cam, g_co
     gb = np.empty(3)
     for p in range(pix_tris.shape[0]):
         rx, ry = rays[p, 0], rays[p, 1]
-        for m in range(3):
-            for c in range(3):
-                vs[m, c] = cam[pix_tris[p, m], c]
-        for m in range(3):
-            j, k = (m + 1) % 3, (m + 2) % 3
-            e[m] = (rx * (vs[j, 1] * vs[k, 2] - vs[j, 2] * vs[k, 1]) + ry * (vs[j, 2] * vs[k, 0] - vs[j, 0] * vs[k, 2])
-                    + (vs[j, 0] * vs[k, 1] - vs[j, 1] * vs[k, 0]))
-        inv = 1.0 / (e[0] + e[1] + e[2])
-        for m in range(3):
-            e[m] *= inv  # now the barycentrics
+        inv = _ray_barycentrics(cam, pix_tris[p], rx, ry, vs, e)
         i0, i1, i2 = pix_tris[p, 0], pix_tris[p, 1], pix_tris[p, 2]
         r0 = e[0] * color[i0, 0] + e[1] * color[i1, 0] + e[2] * color[i2, 0] - target[p, 0]
         r1 = e[0] * color[i0, 1] + e[1] * color[i1, 1] + e[2] * color[i2, 1] - target[p, 1]
@@ -643,24 +653,6 @@ def _landmark_kernel(geo, mean, basis, rot, trans, target, weight, fx, fy, cx, c
 
 
 @njit(cache=True, nogil=True)
-def _rotation(angle, rot, d_rot):
-    """``R = Rz Ry Rx`` of ``(θx, θy, θz)`` into ``rot`` (3, 3) and its partial derivatives into ``d_rot``
-    (3, 3, 3)."""
-    cx, cy, cz = math.cos(angle[0]), math.cos(angle[1]), math.cos(angle[2])
-    sx, sy, sz = math.sin(angle[0]), math.sin(angle[1]), math.sin(angle[2])
-    rx = np.array([[1.0, 0.0, 0.0], [0.0, cx, -sx], [0.0, sx, cx]])
-    ry = np.array([[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]])
-    rz = np.array([[cz, -sz, 0.0], [sz, cz, 0.0], [0.0, 0.0, 1.0]])
-    drx = np.array([[0.0, 0.0, 0.0], [0.0, -sx, -cx], [0.0, cx, -sx]])
-    dry = np.array([[-sy, 0.0, cy], [0.0, 0.0, 0.0], [-cy, 0.0, -sy]])
-    drz = np.array([[-sz, -cz, 0.0], [cz, -sz, 0.0], [0.0, 0.0, 0.0]])
-    rot[:] = rz @ ry @ rx
-    d_rot[0] = rz @ ry @ drx
-    d_rot[1] = rz @ dry @ rx
-    d_rot[2] = drz @ ry @ rx
-
-
-@njit(cache=True, nogil=True)
 def _select_kernel(pixels, pix_verts, bary, face_mask, occluded, photo, skin, size, fx, fy, cx, cy):
     """The covered pixels in the region: interpolated ``face_mask`` over 0.5 and nothing else of the head in front.
     Returns their triangles' vertices ``(P, 3)``, rays ``(P, 2)``, photo colours ``(P, 3)``, skin weights ``(P,)``."""
@@ -705,17 +697,7 @@ def _appearance_system(cam, color, shade, albedo, mean_albedo, basis, sh, pix_tr
     gl = np.empty(9)
     n_basis = basis.shape[2]
     for p in range(pix_tris.shape[0]):
-        rx, ry = rays[p, 0], rays[p, 1]
-        for m in range(3):
-            for c in range(3):
-                vs[m, c] = cam[pix_tris[p, m], c]
-        for m in range(3):
-            j, k = (m + 1) % 3, (m + 2) % 3
-            bc[m] = (rx * (vs[j, 1] * vs[k, 2] - vs[j, 2] * vs[k, 1]) + ry * (vs[j, 2] * vs[k, 0] - vs[j, 0] * vs[k, 2])
-                     + (vs[j, 0] * vs[k, 1] - vs[j, 1] * vs[k, 0]))
-        inv = 1.0 / (bc[0] + bc[1] + bc[2])
-        for m in range(3):
-            bc[m] *= inv
+        _ray_barycentrics(cam, pix_tris[p], rays[p, 0], rays[p, 1], vs, bc)
         sq = 0.0
         for ch in range(3):
             r = -target[p, ch]
@@ -864,9 +846,8 @@ class _FusedObjective:
 
     # -- the terms both stages share --------------------------------------------------------------------------
     def pose(self, st: _State, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rot, d_rot = np.empty((3, 3)), np.empty((3, 3, 3))
-        _rotation(st.values["angle"][b], rot, d_rot)
-        return rot, d_rot, st.values["trans"][b]
+        angle = st.values["angle"][b]
+        return rotation(angle), rotation_derivatives(angle), st.values["trans"][b]
 
     def landmarks(self, geo: np.ndarray, rot: np.ndarray, trans: np.ndarray, target: np.ndarray,
                   weight: np.ndarray, scale: float, g_geo: np.ndarray, g_rot: np.ndarray, g_trans: np.ndarray) -> float:
@@ -1126,8 +1107,7 @@ def warmup() -> float:
     s = np.array([[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.1, 0.0]])
     tris = np.array([[0, 1, 2]], np.int64)
     pb = np.array([[0, 1], [0, 1], [0, 1]], np.int64)  # 1 = the padding triangle
-    rot, d_rot = np.empty((3, 3)), np.empty((3, 3, 3))
-    _rotation(np.zeros(3), rot, d_rot)
+    rot = rotation(np.zeros(3))
     trans, gam, albedo = np.zeros(3), np.full((3, 9), 0.1), np.full((3, 3), 0.5)
     fn, fnorm, n, vnorm = np.empty((1, 3)), np.empty(1), np.empty((3, 3)), np.empty(3)
     nw, sh, shade, color, cam = np.empty((3, 3)), np.empty((3, 9)), np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 3))

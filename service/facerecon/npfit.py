@@ -102,20 +102,25 @@ def refine_landmarks(decoder: NumpyDecoder, coeffs: Coefficients, target: np.nda
     return LandmarkFitResult(out, before, after, its)
 
 
-def _rotation_derivatives(angle: np.ndarray) -> np.ndarray:
-    """``dR / d(θx, θy, θz)`` of ``R = Rz Ry Rx``: ``(3, 3, 3)``, the first axis the angle."""
+def rotation_derivatives(angle: np.ndarray) -> np.ndarray:
+    """``dR / d(θx, θy, θz)`` of ``R = Rz Ry Rx`` (:func:`rotation`): ``(3, 3, 3)``, the first axis the angle; the
+    products ``Rz Ry dRx``, ``Rz dRy Rx``, ``dRz Ry Rx`` written out (a fit asks for them at every step)."""
     cx, cy, cz = (math.cos(float(a)) for a in angle)
     sx, sy, sz = (math.sin(float(a)) for a in angle)
-    rx = np.array([[1.0, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1.0, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1.0]])
-    drx = np.array([[0.0, 0, 0], [0, -sx, -cx], [0, cx, -sx]])
-    dry = np.array([[-sy, 0, cy], [0, 0.0, 0], [-cy, 0, -sy]])
-    drz = np.array([[-sz, -cz, 0], [cz, -sz, 0], [0, 0, 0.0]])
-    return np.stack([rz @ ry @ drx, rz @ dry @ rx, drz @ ry @ rx])
+    return np.array([
+        [[0.0, cz * sy * cx + sz * sx, -cz * sy * sx + sz * cx],
+         [0.0, sz * sy * cx - cz * sx, -sz * sy * sx - cz * cx],
+         [0.0, cy * cx, -cy * sx]],
+        [[-cz * sy, cz * cy * sx, cz * cy * cx],
+         [-sz * sy, sz * cy * sx, sz * cy * cx],
+         [-cy, -sy * sx, -sy * cx]],
+        [[-sz * cy, -sz * sy * sx - cz * cx, -sz * sy * cx + cz * sx],
+         [cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx],
+         [0.0, 0.0, 0.0]],
+    ])
 
 
-def _rotation(angle: np.ndarray) -> np.ndarray:
+def rotation(angle: np.ndarray) -> np.ndarray:
     """``R = Rz Ry Rx`` of ``(θx, θy, θz)`` radians (:func:`facerecon.npdecode.euler_to_rotation` for one face)."""
     cx, cy, cz = (math.cos(float(a)) for a in angle)
     sx, sy, sz = (math.sin(float(a)) for a in angle)
@@ -185,7 +190,7 @@ class _Solver:
         return self.mean + np.tensordot(x[:n], self.basis, axes=1)
 
     def _camera(self, shape: np.ndarray, angle: np.ndarray, trans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rot = _rotation(angle)
+        rot = rotation(angle)
         world = shape @ rot.T + trans
         cam = np.concatenate([world[:, :2], self.distance - world[:, 2:3]], axis=1)
         return cam, rot
@@ -224,7 +229,7 @@ class _Solver:
         m = dq @ rot  # (68, 2, 3): d q / d shape
         jac[:, :, :s1] = m @ self.basis_t
         # angles: world = R(θ) shape + t, so d world / d θk = shape dR_k^T
-        d_rot = _rotation_derivatives(angle)
+        d_rot = rotation_derivatives(angle)
         jac[:, :, s1:s2] = np.einsum("nij,knj->nik", dq, shape @ d_rot.transpose(0, 2, 1))
         jac[:, :, s2:] = dq
         return q, jac

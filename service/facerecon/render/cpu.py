@@ -59,7 +59,7 @@ from facerecon.render.base import (
     interpolate_covered,
 )
 
-__all__ = ["CpuRenderer", "rasterize_arrays", "warmup"]
+__all__ = ["CpuRenderer", "rasterize_arrays", "ray_triple", "warmup"]
 
 logger = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ def _pixel_ray(pixel: int, batch: int, height: int, width: int, fx: float, fy: f
 
 
 @njit(cache=True, nogil=True)
-def _triple(rx: float, ry: float, ax: float, ay: float, az: float, bx: float, by: float, bz: float) -> float:
+def ray_triple(rx: float, ry: float, ax: float, ay: float, az: float, bx: float, by: float, bz: float) -> float:
     """``r . (a x b)`` with ``r = (rx, ry, 1)``."""
     return rx * (ay * bz - az * by) + ry * (az * bx - ax * bz) + (ax * by - ay * bx)
 
@@ -380,9 +380,9 @@ def _bary_forward_kernel(
         x0, y0, z0 = vertices[b, i0, 0], vertices[b, i0, 1], vertices[b, i0, 2]
         x1, y1, z1 = vertices[b, i1, 0], vertices[b, i1, 1], vertices[b, i1, 2]
         x2, y2, z2 = vertices[b, i2, 0], vertices[b, i2, 1], vertices[b, i2, 2]
-        e0 = _triple(rx, ry, x1, y1, z1, x2, y2, z2)
-        e1 = _triple(rx, ry, x2, y2, z2, x0, y0, z0)
-        e2 = _triple(rx, ry, x0, y0, z0, x1, y1, z1)
+        e0 = ray_triple(rx, ry, x1, y1, z1, x2, y2, z2)
+        e1 = ray_triple(rx, ry, x2, y2, z2, x0, y0, z0)
+        e2 = ray_triple(rx, ry, x0, y0, z0, x1, y1, z1)
         inv = 1.0 / (e0 + e1 + e2)
         bary[p, 0], bary[p, 1], bary[p, 2] = e0 * inv, e1 * inv, e2 * inv
         depth[p] = (e0 * z0 + e1 * z1 + e2 * z2) * inv
@@ -417,9 +417,9 @@ def _bary_backward_kernel(
         x0, y0, z0 = vertices[b, idx[0], 0], vertices[b, idx[0], 1], vertices[b, idx[0], 2]
         x1, y1, z1 = vertices[b, idx[1], 0], vertices[b, idx[1], 1], vertices[b, idx[1], 2]
         x2, y2, z2 = vertices[b, idx[2], 0], vertices[b, idx[2], 1], vertices[b, idx[2], 2]
-        e0 = _triple(rx, ry, x1, y1, z1, x2, y2, z2)
-        e1 = _triple(rx, ry, x2, y2, z2, x0, y0, z0)
-        e2 = _triple(rx, ry, x0, y0, z0, x1, y1, z1)
+        e0 = ray_triple(rx, ry, x1, y1, z1, x2, y2, z2)
+        e1 = ray_triple(rx, ry, x2, y2, z2, x0, y0, z0)
+        e2 = ray_triple(rx, ry, x0, y0, z0, x1, y1, z1)
         inv = 1.0 / (e0 + e1 + e2)
         b0, b1, b2 = e0 * inv, e1 * inv, e2 * inv
         gd = grad_depth[p]
