@@ -36,8 +36,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from facerecon.cachefile import write_atomically
 from facerecon.coefficients import CoefficientLayout
 from facerecon.errors import ModelFileError
 
@@ -302,17 +301,7 @@ def _store(stored: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Write ``arrays`` uncompressed to ``stored`` atomically (a temporary file renamed into place); an unwritable
     folder is logged and skipped."""
     try:
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=stored.parent, prefix=f".{stored.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, stored)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(stored, lambda fh: np.savez(fh, **arrays))
     except OSError as exc:
         logger.info("face model not stored uncompressed in %s (%s)", stored.parent, exc)
 

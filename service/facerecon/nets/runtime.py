@@ -22,14 +22,13 @@ import contextlib
 import hashlib
 import logging
 import lzma
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from pydantic import ValidationError
 
+from facerecon.cachefile import write_atomically
 from facerecon.coefficients import CoefficientLayout
 from facerecon.errors import ModelFileError
 from facerecon.nets.cards import (
@@ -289,17 +288,7 @@ def _cache_write(cache_dir: Path | None, card: NetworkCard, data: bytes) -> None
         return
     target = cache_path(cache_dir, card)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.chmod(tmp, 0o644)  # readable like the shipped file (an image warmed up at build time by another user)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(target, lambda fh: fh.write(data))
     except OSError as exc:
         log.info("network cache %s not writable (%s): decompressing in memory at every start", target.parent, exc)
         return

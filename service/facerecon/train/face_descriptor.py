@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from facerecon.cachefile import write_atomically
 from facerecon.errors import ModelFileError
 from facerecon.train.dlib_format import (
     AddPrev,
@@ -304,11 +304,7 @@ class FaceDescriptor(nn.Module):
         meta = {"format": _CACHE_FORMAT, "sha256": digest}
         arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".npz.tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, cache_file)
+            write_atomically(cache_file, lambda fh: np.savez(fh, **arrays))
             log.info("face descriptor weights cached at %s", cache_file)
         except OSError as exc:
             log.warning("could not write face descriptor cache %s: %s", cache_file, exc)
