@@ -55,6 +55,13 @@ def schedules() -> dict[str, object]:
     }
 
 
+def _field_value(default: object, text: str) -> object:
+    """``text`` as the type of a FitConfig field's ``default`` (``bool("0")`` would be True)."""
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes")
+    return type(default)(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=Path, default=DEFAULT_EXAMPLES)
@@ -77,7 +84,8 @@ def main() -> None:
     for name in names:  # "default@photo_steps=20+appearance_damping=0.3": a schedule with fields changed
         base, _, changes = name.partition("@")
         if changes and known.get(base) is not None:
-            fields = {k: type(getattr(known[base], k))(v) for k, v in (c.split("=") for c in changes.split("+"))}
+            pairs = (c.split("=") for c in changes.split("+"))
+            fields = {k: _field_value(getattr(known[base], k), v) for k, v in pairs}
             known[name] = dataclasses.replace(known[base], **fields)  # type: ignore[arg-type]
     unknown = [c for c in names if c not in known]
     if unknown:
