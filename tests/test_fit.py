@@ -144,6 +144,13 @@ def test_one_objective_with_a_named_region(ict_model, ict_decoder, synthetic) ->
         hybrid_terms(ict_decoder, renderer, truth, target.image, skin, target.landmarks, region="everything")
 
 
+def _state(params):  # the fused engine's State of a _Params (float64 copies, shared rows as they are)
+    from facerecon.fused import State
+
+    return State({k: getattr(params, k).detach().double().numpy() for k in ("id", "exp", "tex", "angle", "gamma",
+                                                                           "trans")}, params.share)
+
+
 def _perturbed(truth: Coefficients, seed: int, scale: float = 0.3) -> Coefficients:
     """``truth`` moved off the optimum in every group (so every gradient is non-zero)."""
     g = torch.Generator().manual_seed(seed)
@@ -160,7 +167,8 @@ def test_the_fused_objective_is_hybrid_terms_with_its_autograd_gradient(ict_mode
     """The fused engine's photometric-stage loss and gradient (hand-written, no autograd) equal ``hybrid_terms``'
     (region ``face_mask``, ``size`` px) through the CPU renderer and autograd, for one image and for a set sharing
     identity and albedo; so do the landmark stage's and ``landmark_terms``'."""
-    from facerecon.fit import _FusedObjective, _landmark_weights, _Params, _PhotometricStage, _State
+    from facerecon.fit import _Params, fused_objective, fused_target
+    from facerecon.fused import PhotometricStage
 
     renderer, truth, _face, target = synthetic
     start = _perturbed(truth, 1)
@@ -176,8 +184,8 @@ def test_the_fused_objective_is_hybrid_terms_with_its_autograd_gradient(ict_mode
     t = hybrid_terms(ict_decoder, renderer, ref.coefficients(), target.image, skin, target.landmarks,
                      region="face_mask", size=size, w=w)
     t.total(w).backward()
-    st = _State(_Params(start, share))
-    terms, grads = _PhotometricStage(_FusedObjective.of(ict_decoder), st, target, cfg).step(0)
+    st = _state(_Params(start, share))
+    terms, grads = PhotometricStage(fused_objective(ict_decoder), st, fused_target(target), cfg).step(0)
     assert terms["loss"] == pytest.approx(t.total(w).item(), rel=1e-5)
     assert terms["photo"] == pytest.approx(t.photo.item(), rel=1e-5)
     assert terms["landmark"] == pytest.approx(t.landmark.item(), rel=1e-5)
@@ -188,9 +196,9 @@ def test_the_fused_objective_is_hybrid_terms_with_its_autograd_gradient(ict_mode
     ref = _Params(start, share)
     t = landmark_terms(ict_decoder, ref.coefficients(), target.landmarks, None, w)
     t.total(w).backward()
-    st = _State(_Params(start, share))
-    terms, grads = _FusedObjective.of(ict_decoder).landmark_step(st, target.landmarks.double().numpy(),
-                                                                 _landmark_weights(target), w)
+    st = _state(_Params(start, share))
+    terms, grads = fused_objective(ict_decoder).landmark_step(st, target.landmarks.double().numpy(),
+                                                              fused_target(target).lm_weight(), w)
     assert terms["loss"] == pytest.approx(t.total(w).item(), rel=1e-5)
     for k in ("id", "exp", "angle", "trans"):
         a, b = getattr(ref, k).grad.double(), torch.from_numpy(grads[k])
@@ -203,7 +211,8 @@ def test_the_appearance_solve_lowers_the_loss_and_is_the_same_in_both_engines(ic
     """One light-and-albedo solve from a perturbed start: the loss falls, its photometric term by more than 40 %
     (Adam's first step does not do that), to the loss the autograd engine's solve reaches (Jacobians interpolated
     through the renderer, in torch), and the two solutions agree."""
-    from facerecon.fit import _FusedObjective, _Params, _PhotometricStage, _solve_appearance_autograd, _State
+    from facerecon.fit import _Params, _solve_appearance_autograd, fused_objective, fused_target
+    from facerecon.fused import PhotometricStage
 
     renderer, truth, _face, target = synthetic
     start = _perturbed(truth, 4)
@@ -213,14 +222,16 @@ def test_the_appearance_solve_lowers_the_loss_and_is_the_same_in_both_engines(ic
     skin = torch.ones_like(target.image[:, :1])
     cfg = FitConfig()
     fused = _Params(start, share)
-    st = _State(fused)
-    stage = _PhotometricStage(_FusedObjective.of(ict_decoder), st, target, cfg)
+    st = _state(fused)
+    stage = PhotometricStage(fused_objective(ict_decoder), st, fused_target(target), cfg)
     before = stage.step(0)[0]
     solved = stage.step(0, solve=True)[0]
     after = solved["loss"]
     print(f"loss {before['loss']:.4f} -> {after:.4f}, photometric {before['photo']:.4f} -> {solved['photo']:.4f}")
     assert after < before["loss"] and solved["photo"] < 0.6 * before["photo"]
-    st.write(fused)
+    with torch.no_grad():
+        for k, v in st.values.items():
+            getattr(fused, k).copy_(torch.from_numpy(v))
     torch_solved = _Params(start, share)
     _solve_appearance_autograd(ict_decoder, renderer, torch_solved, target, skin, cfg)
     for k in ("gamma", "tex"):
@@ -234,7 +245,7 @@ def test_the_appearance_solve_lowers_the_loss_and_is_the_same_in_both_engines(ic
 def test_a_stalled_stage_stops_early(ict_model, ict_decoder, synthetic) -> None:
     """At the optimum (the mean face fitted to its own landmarks: no residual, the prior at its minimum) the loss
     cannot drop: the stage stops after ``stall_steps`` + 1 steps; with stopping off it runs them all."""
-    from facerecon.fit import _Stall
+    from facerecon.fitconfig import Stall
 
     _, _truth, _face, target = synthetic
     mean = Coefficients.zeros(ict_model.layout, 1)
@@ -244,7 +255,7 @@ def test_a_stalled_stage_stops_early(ict_model, ict_decoder, synthetic) -> None:
     assert len(stopped.history) == 6
     full = fit(ict_decoder, None, target, init=mean, config=FitConfig(landmark_steps=40, stall_steps=0))
     assert len(full.history) == 40 and all(h["stage"] == 1.0 for h in full.history)
-    stall = _Stall(2, 0.01)
+    stall = Stall(2, 0.01)
     assert [stall.stalled(v) for v in (10.0, 9.0, 8.0, 7.99, 7.95)] == [False, False, False, False, True]
 
 

@@ -38,11 +38,12 @@ def test_no_import_cycle_between_the_pipeline_and_its_stages() -> None:
     assert "facerecon.pipeline" not in loaded, "a stage module pulls in the pipeline"
 
 
-def test_the_rnet_path_never_imports_torch() -> None:
-    """``refine=False`` from photo bytes to the JSON answer, the landmarks and an OBJ/GLB export (and the CLI's
-    module and parser) in a fresh interpreter: torch, the torch face model and the renderer are never loaded. The
-    same process then draws the overlay, which does load torch (so the check sees a torch import when there is
-    one)."""
+def test_the_cpu_paths_never_import_torch() -> None:
+    """In a fresh interpreter on the CPU: ``refine=False`` from photo bytes to the JSON answer, the landmarks and an
+    OBJ/GLB export (and the CLI's module and parser) loads neither torch, numba, the renderer, the torch face model
+    nor the decoder; the default mode (R-Net + fit) with its overlay and exports then runs on the fused engine and
+    the raster kernels (numba) and still loads no torch. Last, the torch decoder is asked for, which does load torch
+    (so the check sees a torch import when there is one)."""
     from tests.conftest import need_shared
 
     photo = need_shared("data", "deep3d-examples", "000002.jpg")
@@ -57,14 +58,24 @@ def test_the_rnet_path_never_imports_torch() -> None:
         "r = rec.reconstruct(image, refine=False)[0]\n"
         "doc = json.loads(json.dumps(rec.to_json(r)))\n"
         "obj, glb = rec.export(r, 'obj'), rec.export(r, 'glb')\n"
-        "before = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'numba', "
-        "'facerecon.render', 'facerecon.decoder', 'facerecon.facemodel.model')))\n"
-        "rec.overlay(image, r)\n"
-        "print(json.dumps({'before': before, 'after': 'torch' in sys.modules, 'mode': doc['mode'], "
-        "'landmarks': len(doc['landmarks68']), 'obj': obj[:2].decode(), 'glb': glb[:4].decode()}))\n"
+        "def loaded(*names):\n"  # the modules named and their submodules ('numba' and 'numba.core', not 'numbax')
+        "    return sorted(m for m in sys.modules if any(m == n or m.startswith(n + '.') for n in ('torch', *names)))\n"
+        "before = loaded('numba', 'facerecon.render', 'facerecon.decoder', 'facerecon.facemodel.model')\n"
+        "f = rec.reconstruct(image, refine=True)[0]\n"
+        "fdoc = json.loads(json.dumps(rec.to_json(f)))\n"
+        "png = rec.overlay(image, f)\n"
+        "fobj = rec.export(f, 'obj')\n"
+        "fitted = loaded('facerecon.decoder', 'facerecon.facemodel.model', 'facerecon.render.cpu', "
+        "'facerecon.render.base', 'facerecon.fit', 'facerecon.objective', 'facerecon.losses')\n"
+        "rec.decoder\n"
+        "print(json.dumps({'before': before, 'fitted': fitted, 'after': 'torch' in sys.modules, 'mode': doc['mode'], "
+        "'fit_mode': fdoc['mode'], 'overlay': list(png.shape), 'landmarks': len(doc['landmarks68']), "
+        "'obj': obj[:2].decode(), 'fobj': fobj[:2].decode(), 'glb': glb[:4].decode()}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["before"] == [], f"the R-Net path imports {got['before']}"
     assert got["mode"] == "rnet+lm" and got["landmarks"] == 68 and got["glb"] == "glTF" and got["obj"] in ("# ", "v ")
+    assert got["fitted"] == [], f"the fit's path imports {got['fitted']}"
+    assert got["fit_mode"] == "rnet+fit" and got["fobj"] in ("# ", "v ") and got["overlay"][2] == 3, got
     assert got["after"] is True

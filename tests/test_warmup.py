@@ -45,16 +45,16 @@ def test_fitting_warm_up_runs_every_stage_with_a_short_fit() -> None:
     a few steps, JSON, OBJ and the overlay all run; the fit is a few steps (far below a whole fit's 90)."""
     got = _run(
         "import json\n"
-        "import facerecon.fit as fit_module\n"
+        "import facerecon.fused as fused_module\n"
         "from facerecon.pipeline import Reconstructor\n"
         "from facerecon.warmup import WARMUP_FIT_STEPS, warm_up_engine\n"
         "steps = []\n"
-        "real_fit = fit_module.fit\n"
+        "real_fit = fused_module.fit_arrays\n"  # both engines' fused path (the pipeline's NumPy one and fit.fit's)
         "def counting_fit(*a, **k):\n"
         "    r = real_fit(*a, **k)\n"
-        "    steps.append(len(r.history))\n"
+        "    steps.append(len(a[6]))\n"  # the history the fit appended its steps to
         "    return r\n"
-        "fit_module.fit = counting_fit\n"
+        "fused_module.fit_arrays = counting_fit\n"
         "rec = Reconstructor()\n"
         "t = warm_up_engine(rec)\n"
         "print(json.dumps({'mode': rec.mode_for(), 'stages': sorted(t), 'steps': steps,\n"
@@ -69,9 +69,9 @@ def test_fitting_warm_up_runs_every_stage_with_a_short_fit() -> None:
 
 def test_a_fitting_service_is_ready_before_torch_and_warms_the_fit_next() -> None:
     """Default mode R-Net + fit with ``warmup_fit_after_ready``: the warm-up before readiness is the torch-free R-Net
-    path (torch not imported when it ends), /readyz's state says the fit is warming, then the fit's warm-up runs
-    (torch, the renderer, a short fit) and the state says nothing is warming; with the setting off, readiness
-    waits for the fit."""
+    path, /readyz's state says the fit is warming, then the fit's warm-up runs (the fused engine's kernels, a short
+    fit, the overlay) and the state says nothing is warming; with the setting off, readiness waits for the fit.
+    Torch is never imported: on the CPU the fit and the overlay run on NumPy and numba."""
     got = _run(
         "import json, sys, time\n"
         "import facerecon.api.state as st\n"
@@ -103,7 +103,7 @@ def test_a_fitting_service_is_ready_before_torch_and_warms_the_fit_next() -> Non
         pytest.skip("the installed engine's default mode does not fit")
     assert later["at_ready"]["calls"] == [["rnet+lm", False]], later  # type: ignore[index]
     assert later["at_ready"]["warming"] == ["fit"], later  # type: ignore[index]
-    assert later["calls"] == [["rnet+lm", False], [None, True]] and later["warming"] == [], later  # type: ignore[index]
+    assert later["calls"] == [["rnet+lm", False], [None, False]] and later["warming"] == [], later  # type: ignore[index]
     assert float(later["fit_ms"]) > 0 and later["stage"] == "ready", later  # type: ignore[index,arg-type]
-    assert before["at_ready"] == {"warming": [], "calls": [[None, True]]}, before  # type: ignore[index]
+    assert before["at_ready"] == {"warming": [], "calls": [[None, False]]}, before  # type: ignore[index]
     assert before["fit_ms"] is None, before  # type: ignore[index]

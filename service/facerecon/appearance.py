@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from facerecon.geometry import points_in_polygon
+from facerecon.render.raster import rasterize_arrays
 
 if TYPE_CHECKING:
     from facerecon.facemodel import FaceModel
@@ -120,16 +121,23 @@ def _segment_distance(points: np.ndarray, line: np.ndarray) -> np.ndarray:
 def feature_regions(model: FaceModel) -> FeatureRegions:
     """The feature regions of ``model`` (module docstring), from its mean shape (x right, y up, z towards the
     camera), its 68 landmark vertices (iBUG order) and, when it has them, its ``vertex_region`` parts."""
-    shape = model.mean_shape.detach().cpu().numpy().reshape(-1, 3).astype(np.float64)
-    tris = model.triangles.detach().cpu().numpy()
+    return feature_regions_of(model.mean_shape.detach().cpu().numpy(), model.triangles.detach().cpu().numpy(),
+                              model.landmarks68.detach().cpu().numpy(), model.card.regions or {},
+                              model.extras.get("vertex_region"))
+
+
+def feature_regions_of(mean_shape: np.ndarray, triangles: np.ndarray, landmarks68: np.ndarray,
+                       part_ids: dict[str, int], region: np.ndarray | None) -> FeatureRegions:
+    """:func:`feature_regions` from a face model's arrays (``(N, 3)`` mean shape, ``(F, 3)`` triangles, the 68
+    landmark vertex ids, the card's part names -> ids and the ``(N,)`` part id per vertex, or None), no torch."""
+    shape = np.asarray(mean_shape).reshape(-1, 3).astype(np.float64)
+    tris = np.asarray(triangles, np.int64)
     n = shape.shape[0]
     normals = _vertex_normals(shape, tris)
-    lm = shape[model.landmarks68.detach().cpu().numpy()]
+    lm = shape[np.asarray(landmarks68, np.int64)]
     iod = float(np.linalg.norm(lm[36] - lm[45]))
     xy = shape[:, :2]
     front = normals[:, 2] > 0.2
-    part_ids = model.card.regions or {}
-    region = model.extras.get("vertex_region")
 
     def part(*names: str) -> np.ndarray | None:
         if region is None or not all(k in part_ids for k in names):
@@ -215,7 +223,7 @@ def _irradiance(lit: np.ndarray, albedo: np.ndarray) -> np.ndarray:
         return np.where(np.abs(albedo) > 0.02, lit / albedo, np.nan)
 
 
-def feature_colours(rec: Reconstruction, regions: FeatureRegions, triangles: Any, renderer: Renderer,
+def feature_colours(rec: Reconstruction, regions: FeatureRegions, triangles: Any, renderer: Renderer | None,
                     camera: Camera) -> FeatureColours:
     """The lit colours and the albedo of ``rec`` with its feature regions' colours from the photo (module
     docstring), from one z-buffer over the aligned 224 crop.
@@ -223,20 +231,26 @@ def feature_colours(rec: Reconstruction, regions: FeatureRegions, triangles: Any
     Args:
         rec: one reconstruction (batch of one).
         regions: :func:`feature_regions` of its face model.
-        triangles: ``(F, 3)`` int64 tensor, the triangles of the z-buffer: the features and what can hide them
-            (eyelids, lips, the nose of a turned face), e.g. the overlay's.
-        renderer: the rasteriser.
+        triangles: ``(F, 3)`` int64, the triangles of the z-buffer: the features and what can hide them (eyelids,
+            lips, the nose of a turned face), e.g. the overlay's; a tensor for ``renderer``, or a NumPy array.
+        renderer: the rasteriser; None (or the CPU one with NumPy triangles): the CPU kernels on the NumPy decode.
         camera: the decoder's crop camera.
     """
-    import torch
+    if renderer is None or (renderer.name == "cpu" and isinstance(triangles, np.ndarray)):
+        # the CPU renderer's raster kernel on the NumPy decode: no torch
+        decoded = rec.decoded_arrays
+        tid = rasterize_arrays(np.asarray(decoded.vertices_cam[0], np.float32), np.asarray(triangles, np.int64),
+                               camera.intrinsics)[0]
+    else:
+        import torch
 
-    decoded = rec.decoded
+        decoded = rec.decoded
+        with torch.no_grad():
+            raster = renderer.rasterize(decoded.vertices_cam.float(), triangles, camera.intrinsics)
+        tid = _numpy(raster.triangle_id)[0]
     lit = _numpy(decoded.colors)[0].astype(np.float32)
     albedo = _numpy(decoded.albedo)[0].astype(np.float32)
     out = FeatureColours(lit.copy(), albedo.copy())
-    with torch.no_grad():
-        raster = renderer.rasterize(decoded.vertices_cam.float(), triangles, camera.intrinsics)
-    tid = _numpy(raster.triangle_id)[0]
     a = rec.alignment
     covered = tid >= 0
     covered[:, :max(0, -a.left)] = False  # crop pixels outside the photo (the crop pads a face at its edge)

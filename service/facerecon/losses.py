@@ -5,32 +5,15 @@ Pure torch; no I/O. Images are ``(B, 3, H, W)`` RGB in [0, 1]; landmarks ``(B, 6
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from facerecon.landmarks import LANDMARK_WEIGHTS_68
+from facerecon.weights import LossWeights as LossWeights  # re-exported: it lives torch-free in facerecon.weights
 
 #: Landmark weights of the reference: 20 on the nose (0-based 28, 29, 30) and the inner mouth (60-67), else 1
 #: (:data:`facerecon.landmarks.LANDMARK_WEIGHTS_68` as a float32 tensor).
 LANDMARK_WEIGHTS = torch.tensor(LANDMARK_WEIGHTS_68, dtype=torch.float32)
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights of the total loss. Defaults: the reference code's (PT) options, which are the paper's except the
-    texture-coefficient weight (the code's 1.7e-2 is 10x the paper's 1.7e-3) and the gamma term (code only)."""
-
-    photo: float = 1.92
-    landmark: float = 1.6e-3
-    perceptual: float = 0.2
-    coef: float = 3.0e-4
-    coef_id: float = 1.0
-    coef_exp: float = 0.8
-    coef_tex: float = 1.7e-2
-    reflectance: float = 5.0
-    gamma: float = 10.0
 
 
 def photometric_loss(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:

@@ -15,9 +15,12 @@ solved with NumPy in a few milliseconds (``rnet+lm``, :mod:`facerecon.npfit`; ``
 alone, ``rnet``); without an R-Net, fitting from the mean face is the quality path
 (the alignment already places the mean face on the photo) and this is said at start-up, never silently.
 
-Torch: the R-Net path (``refine=False``: detection, alignment, R-Net, the landmark stage, the 68 landmarks, the JSON,
-mesh exports) runs on NumPy and onnxruntime alone (:class:`~facerecon.npdecode.NumpyDecoder`); torch, the torch face
-model, the renderer and the fit load on first use, each once (``tests/test_imports.py`` checks the import graph).
+Torch: on the CPU nothing imports it: the R-Net path (``refine=False``: detection, alignment, R-Net, the landmark
+stage, the 68 landmarks, the JSON, mesh exports) runs on NumPy and onnxruntime (:class:`~facerecon.npdecode.
+NumpyDecoder`), the fit on the fused engine's NumPy/numba kernels (:mod:`facerecon.fused`) and the overlay on the
+CPU rasteriser's kernels over NumPy arrays (:func:`facerecon.render.raster.rasterize_arrays`). Torch, the torch face
+model and the renderer load on first use, each once, for what needs them (textures, maps, the autograd fit, a GPU
+device, a face model given as a torch module); ``tests/test_imports.py`` checks the import graph.
 
 Size: over 400 lines because it is the one place the stages are composed (four stages, the set path, and the outputs
 that need the engine's model and renderer); each stage's work lives in its own module.
@@ -33,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -69,15 +73,24 @@ if TYPE_CHECKING:  # torch and what needs it load on first use: the R-Net path (
     from facerecon.appearance import FeatureColours, FeatureRegions
     from facerecon.decoder import FaceDecoder
     from facerecon.facemodel import FaceModel
-    from facerecon.fit import FitConfig, FitResult
+    from facerecon.fitconfig import FitConfig, FitResult
+    from facerecon.fused import FusedObjective
     from facerecon.render.base import Renderer
     from facerecon.render.maps import FaceMaps, MapKind
 
 log = logging.getLogger(__name__)
 
 
-__all__ = ["Checkpoint", "Estimate", "PreparedFace", "Reconstruction", "Reconstructor", "SetReconstruction",
-           "prepare_face"]
+__all__ = [
+    "Checkpoint",
+    "Estimate",
+    "PreparedFace",
+    "Reconstruction",
+    "Reconstructor",
+    "SetReconstruction",
+    "cpu_only",
+    "prepare_face",
+]
 
 
 def _load_networks(settings: Settings) -> tuple[OnnxNet | None, OnnxNet | None]:
@@ -109,6 +122,17 @@ def _net_info(net: OnnxNet | None) -> dict[str, Any] | None:
     if net is None:
         return None
     return {"card": net.card.model_dump(mode="json"), "providers": net.providers}
+
+
+def _overlay_triangles_of(triangles: np.ndarray, face_mask: np.ndarray, vertex_region: np.ndarray | None,
+                          regions: dict[str, int]) -> np.ndarray:
+    """:func:`_overlay_triangles` from the face model's arrays: ``(F', 3)`` int64, no torch."""
+    keep = np.asarray(face_mask).astype(bool)
+    if vertex_region is not None:
+        inner = [v for k, v in regions.items() if k.startswith(("eyeball", "eye_socket", "mouth_socket"))]
+        keep = keep | np.isin(vertex_region, inner)
+    tris = np.asarray(triangles, np.int64)
+    return tris[keep[tris].all(axis=1)]
 
 
 def _overlay_triangles(model: FaceModel) -> torch.Tensor:
@@ -184,6 +208,8 @@ class Reconstructor:
         self._renderer: Renderer | None = renderer
         self._fit_config: FitConfig | None = fit_config
         self._overlay_triangles: torch.Tensor | None = None
+        self._overlay_triangles_np: np.ndarray | None = None
+        self._fused: FusedObjective | None = None
         self._feature_regions: FeatureRegions | None = None
         self._lock_: AbstractContextManager[Any] | None = None
         self.data: FaceModelData | None = None
@@ -243,7 +269,7 @@ class Reconstructor:
         the installed torch is a CPU build."""
         if self._device is not None:
             return str(self._device)
-        if self.settings.device == "cpu" or (self.settings.device == "auto" and _cpu_only_torch()):
+        if cpu_only(self.settings):
             return "cpu"
         return str(self.device)
 
@@ -292,7 +318,7 @@ class Reconstructor:
     @property
     def fit_config(self) -> FitConfig:
         if self._fit_config is None:
-            from facerecon.fit import FitConfig
+            from facerecon.fitconfig import FitConfig
 
             self._fit_config = FitConfig()
         return self._fit_config
@@ -306,14 +332,52 @@ class Reconstructor:
         return self._overlay_triangles
 
     @property
+    def torch_free(self) -> bool:
+        """Whether the fit and the overlay run without torch: a CPU device, the CPU renderer and the face model's
+        arrays (loaded from its file; a face model given as a torch module keeps the torch paths)."""
+        return self.data is not None and self._device_name() == "cpu" and self._renderer_name() == "cpu"
+
+    @property
+    def overlay_triangles_array(self) -> np.ndarray:
+        """:attr:`overlay_triangles` as a NumPy ``(F, 3)`` int64 array, from the face model's arrays (no torch)."""
+        if self._overlay_triangles_np is None:
+            with self._build_lock:
+                if self._overlay_triangles_np is None:
+                    if self.data is None:
+                        self._overlay_triangles_np = self.overlay_triangles.cpu().numpy()
+                    else:
+                        d = self.data
+                        self._overlay_triangles_np = _overlay_triangles_of(
+                            d["triangles"], d["face_mask"], d.get("vertex_region"), self.card.regions or {})
+        return self._overlay_triangles_np
+
+    @property
+    def fused_objective(self) -> FusedObjective:
+        """The fused fit engine's objective for this face model (:mod:`facerecon.fused`), built once from the face
+        model's arrays (no torch)."""
+        if self._fused is None:
+            from facerecon.fused import MODEL_ARRAYS, FusedObjective
+
+            with self._build_lock:
+                if self._fused is None:
+                    arrays = ({k: self.data[k] for k in MODEL_ARRAYS} if self.data is not None
+                              else {k: getattr(self.model, k).detach().cpu().numpy() for k in MODEL_ARRAYS})
+                    self._fused = FusedObjective(arrays, self.card.layout.id, self.np_decoder.camera)
+        return self._fused
+
+    @property
     def feature_regions(self) -> FeatureRegions:
         """The brows, eyes, lips and inner mouth of the face model (:func:`facerecon.appearance.feature_regions`)."""
         if self._feature_regions is None:
-            from facerecon.appearance import feature_regions
+            from facerecon.appearance import feature_regions, feature_regions_of
 
             with self._build_lock:
                 if self._feature_regions is None:
-                    self._feature_regions = feature_regions(self.model)
+                    d = self.data
+                    self._feature_regions = (
+                        feature_regions(self.model) if d is None else
+                        feature_regions_of(d["mean_shape"], d["triangles"], d["landmarks68"], self.card.regions or {},
+                                           d.get("vertex_region")))
         return self._feature_regions
 
     def feature_colours(self, rec: Reconstruction) -> FeatureColours:
@@ -322,6 +386,10 @@ class Reconstructor:
         greyscale photo, cyan eyes); for the overlay and the textures."""
         from facerecon.appearance import feature_colours
 
+        if self.torch_free:
+            with _timed(rec.timings, "features"):
+                return feature_colours(rec, self.feature_regions, self.overlay_triangles_array, None,
+                                       self.np_decoder.camera)
         with _timed(rec.timings, "features"), self._lock:
             return feature_colours(rec, self.feature_regions, self.overlay_triangles, self.renderer,
                                    self.decoder.camera)
@@ -445,7 +513,8 @@ class Reconstructor:
             return Estimate(init, mode, aggregation, timings)  # type: ignore[arg-type]
         from facerecon.skin import REFERENCE_GMM
 
-        with self._lock:
+        # the fused engine on NumPy arrays shares nothing mutable: torch-free fits run in parallel
+        with contextlib.nullcontext() if self._fits_torch_free(fit_config) else self._lock:
             with _timed(timings, "skin"):
                 for p in prepared:
                     if p.skin is None:
@@ -492,6 +561,19 @@ class Reconstructor:
     def _aggregate(self, per_image: Coefficients, x: np.ndarray, out: dict[str, np.ndarray]
                    ) -> tuple[Coefficients, str]:
         """One identity and albedo for the batch: C-Net confidence-weighted, else the plain mean."""
+        if per_image.is_numpy:  # the same weighted mean (nets.cnet.aggregate) in NumPy
+            a = per_image.arrays()
+            if self.cnet is not None:
+                conf = self.cnet.run(x, out["features"])
+                c_id, c_tex = np.asarray(conf["conf_id"], np.float32), np.asarray(conf["conf_tex"], np.float32)
+                how = "C-Net confidence-weighted mean"
+            else:
+                c_id, c_tex, how = np.ones_like(a.id), np.ones_like(a.tex), "mean"
+            b = per_image.batch_size
+            id_agg = (c_id * a.id).sum(axis=0, keepdims=True) / c_id.sum(axis=0, keepdims=True)
+            tex_agg = (c_tex * a.tex).sum(axis=0, keepdims=True) / c_tex.sum(axis=0, keepdims=True)
+            return Coefficients(np.repeat(id_agg, b, 0), a.exp, np.repeat(tex_agg, b, 0), a.angle, a.gamma,
+                                a.trans), how
         import torch
 
         from facerecon.nets.cnet import aggregate_set
@@ -506,11 +588,29 @@ class Reconstructor:
             how = "mean"
         return aggregate_set(per_image, c_id, c_tex), how
 
+    def _fits_torch_free(self, config: FitConfig | None) -> bool:
+        """A fit with ``config`` runs on the fused engine's NumPy path (:attr:`torch_free`, not the autograd engine)."""
+        return self.torch_free and (config or self.fit_config).engine != "autograd"
+
     def _fit(self, prepared: Sequence[PreparedFace], init: Coefficients | None, share_identity: bool,
              config: FitConfig | None = None) -> FitResult:
+        cfg = config or self.fit_config
+        if share_identity != cfg.share_identity:
+            cfg = replace(cfg, share_identity=share_identity)
+        if self._fits_torch_free(cfg) and (init is None or init.is_numpy):
+            from facerecon.fused import FusedTarget, fit_numpy
+            from facerecon.skin import skin_attention
+
+            image = np.stack([p.crop for p in prepared]).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+            lm = np.stack([p.lm68_crop for p in prepared]).astype(np.float32)
+            skin = skin_attention(np.stack([p.skin for p in prepared])[:, None].astype(np.float32))
+            return fit_numpy(self.fused_objective, self.np_decoder, FusedTarget(image, lm, skin), init, cfg)
+        return self._fit_torch(prepared, init, cfg)
+
+    def _fit_torch(self, prepared: Sequence[PreparedFace], init: Coefficients | None, cfg: FitConfig) -> FitResult:
         import torch
 
-        from facerecon.fit import FitConfig, FitTarget, fit
+        from facerecon.fit import FitTarget, fit
         from facerecon.skin import skin_attention
 
         self._torch_setup()
@@ -525,9 +625,6 @@ class Reconstructor:
         lm = torch.from_numpy(np.stack([p.lm68_crop for p in prepared])).float()
         skin = skin_attention(torch.from_numpy(np.stack([p.skin for p in prepared]))[:, None].float())
         target = FitTarget(image=image.to(self.device), landmarks=lm.to(self.device), skin=skin.to(self.device))
-        cfg = config or self.fit_config
-        if share_identity != cfg.share_identity:
-            cfg = FitConfig(**{**cfg.__dict__, "share_identity": share_identity})
         return fit(self.decoder, self.renderer, target, init=init, config=cfg)
 
     # -- one photo ---------------------------------------------------------------------------------------------
@@ -610,9 +707,15 @@ class Reconstructor:
         est = self.estimate(prepared, refine=refine, share_identity=True)
         _at(checkpoint, "finish")
         coeffs = est.coefficients
-        zero = Coefficients.zeros(self.card.layout, 1, self.device)
-        identity = Coefficients(coeffs.id.mean(0, keepdim=True), zero.exp, coeffs.tex.mean(0, keepdim=True),
-                                zero.angle, zero.gamma, zero.trans)
+        if coeffs.is_numpy:
+            a, lay = coeffs.arrays(), self.card.layout
+            zero = Coefficients.from_vector(np.zeros((1, lay.total), np.float32), lay).arrays()
+            identity = Coefficients(a.id.mean(0, keepdims=True), zero.exp, a.tex.mean(0, keepdims=True),
+                                    zero.angle, zero.gamma, zero.trans)
+        else:
+            zero = Coefficients.zeros(self.card.layout, 1, self.device)
+            identity = Coefficients(coeffs.id.mean(0, keepdim=True), zero.exp, coeffs.tex.mean(0, keepdim=True),
+                                    zero.angle, zero.gamma, zero.trans)
         return SetReconstruction(items=[self.finish(p, est, i) for i, p in enumerate(prepared)], identity=identity,
                                  aggregation=est.aggregation or "", timings=dict(est.timings),
                                  indices=kept, skipped=skipped)
@@ -687,6 +790,8 @@ class Reconstructor:
             return {"mesh.glb": textured_glb(mesh, normals, tex.image)}
 
     def identity_mesh(self, rec: SetReconstruction) -> MeshData:
+        if rec.identity.is_numpy:
+            return self.mesh(self.np_decoder.decode(rec.identity))
         import torch
 
         with torch.no_grad():
@@ -694,10 +799,15 @@ class Reconstructor:
 
     def overlay(self, image: np.ndarray, rec: Reconstruction) -> np.ndarray:
         """The shaded reconstruction composited over the photo, at the photo's resolution, ``(H, W, 3) uint8``
-        (imports torch and the renderer on first use)."""
-        import torch
-
+        (:attr:`torch_free`: the CPU raster kernels on the NumPy decode; else torch and the renderer, on first use)."""
         from facerecon.render.overlay import overlay_on_photo
+
+        if self.torch_free:
+            lit = np.clip(self.feature_colours(rec).lit, 0.0, 1.0)
+            with _timed(rec.timings, "render"):
+                return overlay_on_photo(image, rec.decoded_arrays.vertices_cam, self.overlay_triangles_array, lit,
+                                        rec.alignment.photo_intrinsics(self.np_decoder.camera))
+        import torch
 
         renderer, triangles = self.renderer, self.overlay_triangles
         colours = torch.from_numpy(self.feature_colours(rec).lit).to(rec.decoded.colors.device)[None]
@@ -746,6 +856,12 @@ class Reconstructor:
 def _array(x: Any) -> np.ndarray:
     """A decoded array as NumPy (a tensor is detached and moved to the CPU)."""
     return x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
+
+
+def cpu_only(settings: Settings) -> bool:
+    """Whether ``settings`` run everything on the CPU (the device setting, or ``auto`` with a CPU build of torch),
+    without importing torch."""
+    return settings.device == "cpu" or (settings.device == "auto" and _cpu_only_torch())
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,10 +11,14 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+_P = TypeVar("_P", np.ndarray, "Tensor")
 
 #: RGB (0-255) -> YCbCr, BT.601 studio swing, as the reference (section 11).
 _YCC_MATRIX = np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]]) / 255.0
@@ -126,7 +130,11 @@ REFERENCE_GMM = SkinGMM(
 )
 
 
-def skin_attention(prob: Tensor) -> Tensor:
+def skin_attention(prob: _P) -> _P:
     """The paper's attention ``A = 1 if P > 0.5 else P`` (neither reference applies the threshold; we follow the
-    paper, which keeps confidently-skin pixels at full weight)."""
+    paper, which keeps confidently-skin pixels at full weight), of a NumPy array or a tensor (the same kind back)."""
+    if isinstance(prob, np.ndarray):
+        return np.where(prob > 0.5, np.ones_like(prob), prob)
+    import torch
+
     return torch.where(prob > 0.5, torch.ones_like(prob), prob)

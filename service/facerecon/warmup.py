@@ -15,6 +15,7 @@ textures) then loads on the first request that asks for one.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -33,25 +34,31 @@ WARMUP_FIT_STEPS = (2, 2)
 def synthetic_face_photo(rec: Any, size: int = 320) -> np.ndarray:
     """A photo the detector finds a face in, made from the face model alone: the mean face, lit from the front and
     above (plain ambient light is too flat for a HOG detector), over a dark grey background, ``(size, size, 3)``
-    uint8. Needs a real :class:`~facerecon.pipeline.Reconstructor` (its decoder and renderer: imports torch)."""
-    import torch
-
+    uint8. Needs a real :class:`~facerecon.pipeline.Reconstructor` (a torch-free one draws it with NumPy; else its
+    decoder and renderer: imports torch)."""
     from facerecon.coefficients import Coefficients
     from facerecon.geometry import Intrinsics
     from facerecon.render.overlay import overlay_on_photo
 
-    c = Coefficients.zeros(rec.model.layout, 1, rec.device)
-    gamma = c.gamma.clone()
+    vec = np.zeros((1, rec.card.layout.total), np.float32)
+    c = Coefficients.from_vector(vec, rec.card.layout)
+    gamma = c.arrays().gamma  # a view of vec
     for ch in range(3):  # SH bands 1 (y) and 2 (z): light from above and in front
         gamma[0, ch * 9 + 2] = 0.3
         gamma[0, ch * 9 + 3] = 0.3
-    c = Coefficients(c.id, c.exp, c.tex, c.angle, gamma, c.trans)
-    with torch.no_grad():
-        decoded = rec.decoder(c)
-    f = rec.decoder.camera.focal * size / rec.decoder.camera.size * 0.6
+    camera = rec.np_decoder.camera
+    f = camera.focal * size / camera.size * 0.6
     intrinsics = Intrinsics(f, f, size / 2, size / 2, size, size)
     background = np.full((size, size, 3), 60, np.uint8)
-    return overlay_on_photo(background, decoded.vertices_cam, rec.overlay_triangles, decoded.colors.clamp(0, 1),
+    if getattr(rec, "torch_free", False):
+        decoded = rec.np_decoder.decode(c)
+        return overlay_on_photo(background, decoded.vertices_cam, rec.overlay_triangles_array,
+                                np.clip(decoded.colors, 0.0, 1.0), intrinsics)
+    import torch
+
+    with torch.no_grad():
+        dec = rec.decoder(c.to(rec.device))
+    return overlay_on_photo(background, dec.vertices_cam, rec.overlay_triangles, dec.colors.clamp(0, 1),
                             intrinsics, renderer=rec.renderer)
 
 
@@ -75,10 +82,15 @@ def warm_up_engine(rec: Reconstructor, image: np.ndarray | None = None, mode: Mo
     t: dict[str, float] = {}
     fits = "fit" in mode
     if fits:
-        from facerecon.fit import FitConfig
+        from facerecon.fitconfig import FitConfig
 
         with _timed(t, "renderer"):
-            rec.renderer.warmup()  # loads (or compiles and caches) the forward and gradient kernels
+            if rec.torch_free:  # the fused engine's and the raster's kernels (no torch)
+                from facerecon.fused import warmup as fused_warmup
+
+                fused_warmup()
+            else:
+                rec.renderer.warmup()  # loads (or compiles and caches) the forward and gradient kernels
         if image is None:
             with _timed(t, "synthetic photo"):
                 image = synthetic_face_photo(rec)
@@ -121,6 +133,38 @@ def warm_up_engine(rec: Reconstructor, image: np.ndarray | None = None, mode: Mo
     return t
 
 
+def load_cpu_kernels(fit: bool = True, overlay: bool = True) -> float:
+    """Load the torch-free CPU path's numba kernels from numba's on-disk cache (compiled at install time): the fit's
+    fused engine (``fit``) and the overlay's raster, interpolation and compositing kernels (``overlay``), with the
+    argument types the pipeline calls them with; returns the seconds it took."""
+    t0 = time.perf_counter()
+    if fit:
+        from facerecon.fused import warmup as fused_warmup
+
+        fused_warmup()
+    if overlay:
+        from facerecon.geometry import Intrinsics
+        from facerecon.render.overlay import overlay_on_photo
+        from facerecon.render.raster import rasterize_arrays
+
+        verts = np.array([[-0.5, -0.5, 10.0], [0.5, -0.5, 10.0], [0.0, 0.5, 10.0]], np.float32)
+        tris = np.array([[0, 1, 2]], np.int64)
+        intr = Intrinsics(1015.0, 1015.0, 2.0, 2.0, 4, 4)
+        rasterize_arrays(verts, tris, intr)  # feature_colours' z-buffer (float32 vertices)
+        colours = np.full((3, 3), 0.5, np.float32)
+        overlay_on_photo(np.zeros((4, 4, 3), np.uint8), verts, tris, colours, intr)
+    return time.perf_counter() - t0
+
+
+def load_cpu_kernels_in_background(fit: bool = True, overlay: bool = True) -> threading.Thread:
+    """:func:`load_cpu_kernels` in a daemon thread, started now: the CLI starts it before it loads the networks, so
+    numba's cache loading (~1 s, mostly the first kernel's) overlaps with onnxruntime's session set-up and the
+    detector, which release the GIL; a kernel called before it is loaded waits for numba's compiler lock."""
+    thread = threading.Thread(target=load_cpu_kernels, args=(fit, overlay), name="facerecon-kernels", daemon=True)
+    thread.start()
+    return thread
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import numpy as np
@@ -160,7 +204,12 @@ def main() -> None:
     overlay_on_photo(photo, *with_torch, intr, renderer=renderer)  # the overlay's kernels, at both scales
     big = intr.scaled(4)
     overlay_on_photo(np.zeros((big.height, big.width, 3), np.uint8), *with_torch, big, renderer=renderer)
-    log.info("CPU rasteriser and overlay compiled and cached in %.2f s", time.perf_counter() - t0)
+    from facerecon.fused import warmup as fused_warmup
+
+    fused_warmup()  # the fit's fused engine
+    numpy_inputs = tuple(x.numpy() for x in with_torch)
+    overlay_on_photo(photo, *numpy_inputs, intr)  # the torch-free overlay path
+    log.info("CPU rasteriser, fit kernels and overlay compiled and cached in %.2f s", time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,29 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
+from typing import TYPE_CHECKING, Any
 
-import torch
+from facerecon.render.raster import DEFAULT_ZFAR, DEFAULT_ZNEAR
 
-from facerecon.render.base import DEFAULT_ZFAR, DEFAULT_ZNEAR, Raster, Renderer, RenderOutput
-from facerecon.render.cpu import CpuRenderer
-from facerecon.render.nvdiffrast_backend import nvdiffrast_status
+if TYPE_CHECKING:
+    import torch
+
+    from facerecon.render.base import Raster, Renderer, RenderOutput
+    from facerecon.render.cpu import CpuRenderer
+
+#: Names this package exports from its torch modules, imported on first use: the package itself (and its torch-free
+#: modules, :mod:`~facerecon.render.raster` and the overlay's NumPy path) never imports torch.
+_LAZY = {"CpuRenderer": "facerecon.render.cpu", "Raster": "facerecon.render.base",
+         "Renderer": "facerecon.render.base", "RenderOutput": "facerecon.render.base"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "BACKENDS",
@@ -67,6 +82,11 @@ def get_renderer(name: str = "auto", device: torch.device | str | None = None) -
         ValueError: unknown name.
         RuntimeError: ``"nvdiffrast"`` requested but unusable here (the message says why).
     """
+    import torch
+
+    from facerecon.render.cpu import CpuRenderer
+    from facerecon.render.nvdiffrast_backend import nvdiffrast_status
+
     key = name.strip().lower()
     if key not in ("auto", *BACKENDS):
         raise ValueError(f"unknown renderer {name!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
@@ -116,6 +136,8 @@ def usable_renderer(name: str, device: torch.device) -> tuple[Renderer, torch.de
     key = name.strip().lower()
     if key not in ("auto", *BACKENDS):
         raise ValueError(f"unknown renderer {name!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    import torch
+
     cpu = torch.device("cpu")
     if key == "cpu" or (key == "auto" and device.type == "cpu"):
         if device.type != "cpu":

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from facerecon.geometry import Intrinsics
+from facerecon.render.raster import DEFAULT_ZFAR, DEFAULT_ZNEAR  # the reference's clip planes (torch-free home)
 
 __all__ = [
     "DEFAULT_ZFAR",
@@ -44,9 +45,6 @@ __all__ = [
     "interpolate_covered",
 ]
 
-#: Clip planes of the reference renderer (reference.md section 9), decimetres.
-DEFAULT_ZNEAR = 5.0
-DEFAULT_ZFAR = 15.0
 
 
 @dataclass

@@ -31,17 +31,19 @@ import os
 import struct
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from numba import njit
 from PIL import Image
-from torch import Tensor
 
 from facerecon.geometry import Intrinsics, project
-from facerecon.render.base import DEFAULT_ZFAR, DEFAULT_ZNEAR, Renderer
+from facerecon.render.raster import DEFAULT_ZFAR, DEFAULT_ZNEAR, interpolate_arrays, rasterize_arrays
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from facerecon.render.base import Renderer
 
 __all__ = ["MAX_SUPERSAMPLED_PIXELS", "encode_png", "overlay_on_photo", "save_png", "shaded_geometry"]
 
@@ -53,9 +55,9 @@ MAX_SUPERSAMPLED_PIXELS = 4096 * 4096
 
 def overlay_on_photo(
     photo: np.ndarray,
-    vertices_cam: Tensor,
-    triangles: Tensor,
-    colors: Tensor,
+    vertices_cam: np.ndarray | Tensor,
+    triangles: np.ndarray | Tensor,
+    colors: np.ndarray | Tensor,
     photo_intrinsics: Intrinsics,
     alpha: float = 1.0,
     *,
@@ -74,14 +76,16 @@ def overlay_on_photo(
 
     Args:
         photo: ``(H0, W0, 3)`` uint8 RGB.
-        vertices_cam: ``(N, 3)`` or ``(1, N, 3)`` float32 camera space, decimetres, on the renderer's device.
+        vertices_cam: ``(N, 3)`` or ``(1, N, 3)`` float32 camera space, decimetres: NumPy arrays (then the edge
+            path runs without torch, on the CPU rasteriser's kernels, when ``renderer`` is None or the CPU one),
+            or tensors on the renderer's device.
         triangles: ``(F, 3)`` int64.
         colors: ``(N, 3)`` or ``(1, N, 3)`` float RGB in [0, 1] (e.g. the shaded vertex colours).
         photo_intrinsics: the photo's intrinsics; ``width x height`` must be ``W0 x H0``.
         alpha: opacity of the face, in [0, 1].
         antialias: ``"edge"`` (default) or ``"supersample"``.
         supersample: the ``"supersample"`` factor (1 = none; lowered automatically for huge windows).
-        renderer: default ``get_renderer("auto", vertices_cam.device)``.
+        renderer: default: NumPy inputs the CPU kernels, tensors ``get_renderer("auto", vertices_cam.device)``.
         znear, zfar: clip depths, decimetres.
 
     Returns:
@@ -110,6 +114,7 @@ def overlay_on_photo(
         return out
     if antialias != "supersample":
         raise ValueError(f"antialias must be 'edge' or 'supersample', got {antialias!r}")
+    verts, triangles, rgb = _tensors(verts, triangles, rgb)
     coverage, premult = _supersampled(verts, triangles, rgb.clamp(0.0, 1.0), intr, supersample, renderer, znear, zfar)
     region = out[r0:r1, c0:c1].astype(np.float32)
     blended = region * (1.0 - alpha * coverage[..., None]) + (alpha * 255.0) * premult
@@ -204,9 +209,9 @@ def _blend(region: np.ndarray, cov: np.ndarray, pm: np.ndarray, alpha: float) ->
 
 def _composite_edge_aa(
     region: np.ndarray,
-    verts: Tensor,
-    triangles: Tensor,
-    rgb: Tensor,
+    verts: np.ndarray | Tensor,
+    triangles: np.ndarray | Tensor,
+    rgb: np.ndarray | Tensor,
     intrinsics: Intrinsics,
     alpha: float,
     renderer: Renderer | None,
@@ -217,25 +222,42 @@ def _composite_edge_aa(
     side) and blend into ``region`` (``(h, w, 3)`` uint8, in place). At the window's own size the edges are
     antialiased by :func:`_edge_aa`; a smaller render is upsampled bilinearly, which ramps every edge (the outline and
     the occlusion edges inside) over one render pixel."""
-    if renderer is None:
-        from facerecon.render import get_renderer
-
-        renderer = get_renderer("auto", verts.device)
     h, w = region.shape[:2]
     scale = min(1.0, MAX_OVERLAY_RENDER / max(h, w))
     hr, wr = max(1, round(h * scale)), max(1, round(w * scale))
     kx, ky = wr / w, hr / h  # pixel edges onto pixel edges (centres at +0.5 in both frames)
     intr = Intrinsics(intrinsics.fx * kx, intrinsics.fy * ky, intrinsics.cx * kx, intrinsics.cy * ky, wr, hr)
-    with torch.no_grad():
-        raster = renderer.rasterize(verts, triangles, intr, znear=znear, zfar=zfar)
-        color = renderer.interpolate(rgb.clamp(0.0, 1.0), raster, triangles)[0].float().cpu().numpy()
-        mask = raster.mask[0].cpu().numpy()
+    if isinstance(verts, np.ndarray) and (renderer is None or renderer.name == "cpu"):
+        # the CPU renderer's own kernels on the arrays (no torch): the same raster and interpolation
+        tid, pixels, pix_verts, bary = rasterize_arrays(verts[0], np.asarray(triangles, np.int64), intr, znear, zfar)
+        colours = np.clip(np.asarray(rgb)[0], 0.0, 1.0)
+        color = interpolate_arrays(colours, pixels, pix_verts, bary, hr * wr).reshape(hr, wr, -1).astype(np.float32)
+        mask = tid >= 0
+    else:
+        import torch
+
+        verts, triangles, rgb = _tensors(verts, triangles, rgb)
+        if renderer is None:
+            from facerecon.render import get_renderer
+
+            renderer = get_renderer("auto", verts.device)
+        with torch.no_grad():
+            raster = renderer.rasterize(verts, triangles, intr, znear=znear, zfar=zfar)
+            color = renderer.interpolate(rgb.clamp(0.0, 1.0), raster, triangles)[0].float().cpu().numpy()
+            mask = raster.mask[0].cpu().numpy()
     if (hr, wr) == (h, w):
         cov, pm = _edge_aa(mask, color, EDGE_STEP)
     else:  # upsampled: the bilinear taps already give every edge a ramp of one render pixel
         cov = mask.astype(np.float32)
         pm = color * cov[..., None]
     _blend(region, cov, pm, float(alpha))
+
+
+def _tensors(*xs: Any) -> tuple[Any, ...]:
+    """NumPy arrays as CPU tensors (tensors as they are), for the renderer's paths."""
+    import torch
+
+    return tuple(torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x for x in xs)
 
 
 def shaded_geometry(
@@ -274,7 +296,10 @@ def shaded_geometry(
     Returns:
         ``(H, W, 3)`` uint8.
     """
-    verts, nrm = _single(vertices_cam, "vertices_cam"), _single(normals, "normals")
+    import torch
+    import torch.nn.functional as F
+
+    verts, nrm = _tensors(_single(vertices_cam, "vertices_cam"), _single(normals, "normals"))
     direction = torch.tensor(light, dtype=torch.float32, device=verts.device)
     if direction.shape != (3,) or not bool(direction.norm() > 0):
         raise ValueError(f"light must be a non-zero 3-vector, got {light!r}")
@@ -317,7 +342,7 @@ def save_png(array: np.ndarray | Tensor, path: str | os.PathLike[str]) -> None:
             with C in {1, 3, 4} (a render's image), and is moved to the CPU.
         path: destination file.
     """
-    if isinstance(array, Tensor):
+    if not isinstance(array, np.ndarray) and hasattr(array, "detach"):  # a torch tensor
         t = array.detach().cpu()
         if t.ndim == 4 and t.shape[0] == 1:
             t = t[0]
@@ -369,28 +394,31 @@ def encode_png(image: np.ndarray, level: int = 1) -> bytes:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _single(x: Tensor, name: str) -> Tensor:
-    """``(N, 3)`` or ``(1, N, 3)`` -> ``(1, N, 3)``."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim == 2:
-        x = x.unsqueeze(0)
+def _single(x: np.ndarray | Tensor, name: str) -> Any:
+    """``(N, 3)`` or ``(1, N, 3)`` -> ``(1, N, 3)`` (a NumPy array or a detached tensor, as given)."""
+    if isinstance(x, np.ndarray):
+        x = x[None] if x.ndim == 2 else x
+    elif hasattr(x, "detach"):
+        x = (x.unsqueeze(0) if x.ndim == 2 else x).detach()
+    else:
+        raise TypeError(f"{name} must be a NumPy array or a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 3 or x.shape[0] != 1 or x.shape[2] != 3:
         raise ValueError(f"{name} must be (N, 3) or (1, N, 3) for one face, got {tuple(x.shape)}")
-    return x.detach()
+    return x
 
 
-def _face_window(verts: Tensor, intrinsics: Intrinsics, znear: float) -> tuple[int, int, int, int] | None:
+def _face_window(verts: np.ndarray | Tensor, intrinsics: Intrinsics, znear: float
+                 ) -> tuple[int, int, int, int] | None:
     """Pixel window ``(c0, r0, c1, r1)`` (end-exclusive) that holds every drawable pixel, or None if empty.
 
     When every vertex is in front of the near plane, the face projects inside the bounding box of its projected
     vertices (perspective maps segments in front of the camera to segments); otherwise the whole image.
     """
     width, height = int(intrinsics.width), int(intrinsics.height)
-    d = verts[..., 2]
-    if not bool(torch.isfinite(verts).all()) or bool((d < znear).any()):
+    v = np.asarray(verts if isinstance(verts, np.ndarray) else verts.detach().cpu().numpy(), np.float64)
+    if not bool(np.isfinite(v).all()) or bool((v[..., 2] < znear).any()):
         return 0, 0, width, height
-    uv = project(verts.double(), intrinsics)[0]
+    uv = project(v, intrinsics)[0]
     u_min, u_max = float(uv[:, 0].min()), float(uv[:, 0].max())
     v_min, v_max = float(uv[:, 1].min()), float(uv[:, 1].max())
     c0 = max(0, math.floor(u_min) - 1)
@@ -424,6 +452,9 @@ def _supersampled(
 
     ``shade``, if given, maps the interpolated ``(1, H, W, C)`` attributes to ``(1, H, W, 3)`` colours.
     """
+    import torch
+    import torch.nn.functional as F
+
     if supersample < 1:
         raise ValueError(f"supersample must be >= 1, got {supersample}")
     if renderer is None:
