@@ -169,3 +169,34 @@ def test_the_mesh_is_decoded_only_when_used(reconstructor) -> None:
     assert rec.decoded is d and rec.timings["decode"] > 0
     again = rec.alignment.to_photo(d.landmarks_2d[0].cpu().numpy().astype(np.float64))
     assert np.abs(again - rec.landmarks_photo).max() < 1e-3
+
+
+def test_the_torch_free_fit_set_and_overlay_match_the_torch_path(reconstructor, monkeypatch) -> None:
+    """On the CPU the default mode fits, aggregates a set and draws the overlay on NumPy arrays (the fused engine,
+    the raster kernels); with that path switched off the same photos go through ``fit.fit`` and the renderer on
+    tensors. Both feed the same fused objective, so one photo's fitted coefficients agree to float32 rounding
+    (measured: bit-equal), so does a set's shared-identity fit, and the overlays differ by at most one grey level
+    (NumPy vs torch decoding of the colours)."""
+    from facerecon.pipeline import Reconstructor
+
+    assert reconstructor.torch_free, "the default engine on this CPU machine runs without torch"
+    photo = load_image(need_shared("data", "deep3d-examples", "000006.jpg"))
+    lfw = need_shared("data", "faces-train", "lfw")
+    people = [load_image(p) for p in sorted(lfw.glob("Adam_Sandler_*.jpg"))[:2]]
+
+    def run() -> tuple[dict, np.ndarray, np.ndarray, str, bool]:
+        r = reconstructor.reconstruct(photo)[0]
+        s = reconstructor.reconstruct_set(people)
+        return (r.coefficients.to_dict(), reconstructor.overlay(photo, r), s.identity.arrays().id[0], r.mode,
+                r.coefficients.is_numpy)
+
+    free = run()
+    assert free[4], "the torch-free fit answers NumPy coefficients"
+    monkeypatch.setattr(Reconstructor, "torch_free", property(lambda self: False))
+    torch_path = run()
+    assert free[3] == torch_path[3] == "rnet+fit" and not torch_path[4]
+    for k, v in free[0].items():
+        np.testing.assert_allclose(v, torch_path[0][k], rtol=0, atol=1e-6, err_msg=k)
+    diff = np.abs(free[1].astype(int) - torch_path[1].astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+    np.testing.assert_allclose(free[2], torch_path[2], rtol=0, atol=1e-4)
