@@ -155,7 +155,12 @@ def feature_regions_of(mean_shape: np.ndarray, triangles: np.ndarray, landmarks6
         weights.append(np.clip(w, 0.0, 1.0).astype(np.float32))
         cores.append(w >= 0.5 if core is None else core)
 
-    brow_d = np.minimum(_segment_distance(xy, lm[17:22, :2]), _segment_distance(xy, lm[22:27, :2]))
+    def distance(line: np.ndarray) -> np.ndarray:  # to the polyline, on the surface only (the bands need no more)
+        d = np.full(n, np.inf)
+        d[surface] = _segment_distance(xy[surface], line)
+        return d
+
+    brow_d = np.minimum(distance(lm[17:22, :2]), distance(lm[22:27, :2]))
     add("brows", np.exp(-((brow_d / (BROW_SIGMA_IOD * iod)) ** 2)) * surface)
     eyeball = part("eyeball_left", "eyeball_right")
     if eyeball is not None:
@@ -174,7 +179,7 @@ def feature_regions_of(mean_shape: np.ndarray, triangles: np.ndarray, landmarks6
     outer, inner = lm[48:60, :2], lm[60:68, :2]
     in_inner = points_in_polygon(xy, inner)
     in_lips = points_in_polygon(xy, outer) & ~in_inner & surface
-    edge = np.exp(-((_segment_distance(xy, np.vstack([outer, outer[:1]])) / (LIP_EDGE_IOD * iod)) ** 2))
+    edge = np.exp(-((distance(np.vstack([outer, outer[:1]])) / (LIP_EDGE_IOD * iod)) ** 2))
     add("lips", in_lips + 0.5 * edge * surface, core=in_lips)
     mouth = part("mouth_socket")
     add("inner_mouth", (mouth if mouth is not None else in_inner & front & ~in_lips).astype(np.float64))
