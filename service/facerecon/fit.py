@@ -46,7 +46,7 @@ from facerecon.geometry import sh_basis as geometry_sh
 from facerecon.objective import hybrid_terms, landmark_terms
 from facerecon.render.base import Renderer
 
-__all__ = ["Engine", "FitConfig", "FitResult", "FitTarget", "fit", "fused_objective", "landmark_error", "warmup"]
+__all__ = ["Engine", "FitConfig", "FitResult", "FitTarget", "fit", "fused_objective", "landmark_error"]
 
 log = logging.getLogger(__name__)
 
@@ -260,22 +260,12 @@ def _solve_appearance_autograd(decoder: FaceDecoder, renderer: Renderer, params:
         h[r] += (jb * ub).T @ jb
         rhs[r] += (jb * ub).T @ res[b].reshape(-1)
     refl = 2.0 * w.reflectance * rep / (nb * int(m.skin_mask.sum()))
-    q_mat, q_vec, _ = _reflectance_quadratic(m)
+    q, a, _ = fused.reflectance_quadratic(m.mean_albedo.cpu().numpy(), m.albedo_basis.cpu().numpy(),
+                                          m.skin_mask.cpu().numpy())  # albedo flatness, a quadratic in tex
+    q_mat, q_vec = torch.from_numpy(q), torch.from_numpy(a)
     eye = torch.eye(k_tex, dtype=h.dtype, device=h.device)
     h = h + (2.0 * w.coef * w.coef_tex * rep / nb) * eye + refl * q_mat.to(h)
     params.tex.copy_(torch.linalg.solve(h, -(rhs + refl * q_vec.to(h))).to(params.tex))
-
-
-def _reflectance_quadratic(m: torch.nn.Module) -> tuple[Tensor, Tensor, float]:
-    """``(Q, q, |a|^2)`` with ``sum_R (T - mean_R T)^2 = |a|^2 + 2 q . tex + tex Q tex`` over the skin vertices R, for
-    ``T = mean + tex . B`` (``losses.reflectance_loss`` times B |R|)."""
-    skin = torch.nonzero(m.skin_mask).squeeze(1)
-    k = m.albedo_basis.shape[0]
-    b_skin = m.albedo_basis.view(k, -1, 3)[:, skin].double()
-    a_skin = m.mean_albedo[skin].double()
-    c = (b_skin - b_skin.mean(dim=1, keepdim=True)).reshape(k, -1)
-    a = (a_skin - a_skin.mean(dim=0, keepdim=True)).reshape(-1)
-    return c @ c.T, c @ a, float(a @ a)
 
 
 def fused_objective(decoder: FaceDecoder) -> fused.FusedObjective:
@@ -312,6 +302,3 @@ def _fit_fused(obj: fused.FusedObjective, params: _Params, target: FitTarget, cf
 
 
 _GROUPS = ("id", "exp", "tex", "angle", "gamma", "trans")
-
-#: Compiles (or loads) the fused engine's kernels: :func:`facerecon.fused.warmup`.
-warmup = fused.warmup
