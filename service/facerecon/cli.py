@@ -217,13 +217,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
         print(f"wrote {len(result.items)} photos and the set's identity mesh to {out}{skipped}")
         return 0
 
-    from facerecon.pipeline import Reconstructor, cpu_only
+    from facerecon.pipeline import Reconstructor
 
-    if cpu_only(settings) and (args.refine is not False or args.overlay):
-        # the fit's and the overlay's numba kernels load while the networks load and the first photo is detected
-        from facerecon.warmup import load_cpu_kernels_in_background
-
-        load_cpu_kernels_in_background(fit=args.refine is not False, overlay=args.overlay)
     rec = Reconstructor(settings)
     out.mkdir(parents=True, exist_ok=True)
     with logging_redirect_tqdm():  # each message on its own line, above the progress bar

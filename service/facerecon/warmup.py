@@ -15,7 +15,6 @@ textures) then loads on the first request that asks for one.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -131,38 +130,6 @@ def warm_up_engine(rec: Reconstructor, image: np.ndarray | None = None, mode: Mo
         with _timed(t, "overlay"):
             encode_png(rec.overlay(image, r))
     return t
-
-
-def load_cpu_kernels(fit: bool = True, overlay: bool = True) -> float:
-    """Load the torch-free CPU path's numba kernels from numba's on-disk cache (compiled at install time): the fit's
-    fused engine (``fit``) and the overlay's raster, interpolation and compositing kernels (``overlay``), with the
-    argument types the pipeline calls them with; returns the seconds it took."""
-    t0 = time.perf_counter()
-    if fit:
-        from facerecon.fused import warmup as fused_warmup
-
-        fused_warmup()
-    if overlay:
-        from facerecon.geometry import Intrinsics
-        from facerecon.render.overlay import overlay_on_photo
-        from facerecon.render.raster import rasterize_arrays
-
-        verts = np.array([[-0.5, -0.5, 10.0], [0.5, -0.5, 10.0], [0.0, 0.5, 10.0]], np.float32)
-        tris = np.array([[0, 1, 2]], np.int64)
-        intr = Intrinsics(1015.0, 1015.0, 2.0, 2.0, 4, 4)
-        rasterize_arrays(verts, tris, intr)  # feature_colours' z-buffer (float32 vertices)
-        colours = np.full((3, 3), 0.5, np.float32)
-        overlay_on_photo(np.zeros((4, 4, 3), np.uint8), verts, tris, colours, intr)
-    return time.perf_counter() - t0
-
-
-def load_cpu_kernels_in_background(fit: bool = True, overlay: bool = True) -> threading.Thread:
-    """:func:`load_cpu_kernels` in a daemon thread, started now: the CLI starts it before it loads the networks, so
-    numba's cache loading (~1 s, mostly the first kernel's) overlaps with onnxruntime's session set-up and the
-    detector, which release the GIL; a kernel called before it is loaded waits for numba's compiler lock."""
-    thread = threading.Thread(target=load_cpu_kernels, args=(fit, overlay), name="facerecon-kernels", daemon=True)
-    thread.start()
-    return thread
 
 
 def main() -> None:
