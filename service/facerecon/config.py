@@ -36,7 +36,9 @@ class Settings(BaseSettings):
         None, ge=0, description="onnxruntime intra-op threads of the R-Net/C-Net sessions (default: torch_threads; "
                                 "0: onnxruntime's default, one per core)")
     torch_threads: int = Field(
-        1, ge=0, description="torch intra-op threads (1: bit-reproducible results; 0: torch's default)"
+        1, ge=0, description="torch intra-op threads, and the BLAS threads NumPy's products use (1: bit-reproducible "
+                             "results, and service workers that do not oversubscribe the cores; 0: the libraries' "
+                             "defaults)"
     )
     use_networks: bool = Field(True, description="use the R-Net/C-Net installed beside the face model, if any")
     refine: bool = Field(True, description="test-time fitting after R-Net by default (always on without R-Net)")

@@ -198,6 +198,7 @@ class Reconstructor:
         fit_config: FitConfig | None = None,
     ) -> None:
         self.settings = settings or get_settings()
+        _limit_blas_threads(self.settings.torch_threads)
         # Loaded now: the face model's arrays (NumPy), the detector and the networks (onnxruntime). Loaded on first
         # use, each once: torch, the torch face model and decoder, the renderer (the fit, overlays, textures, maps),
         # so the R-Net path (refine=False: JSON, landmarks, mesh exports) never imports torch.
@@ -856,6 +857,18 @@ class Reconstructor:
 def _array(x: Any) -> np.ndarray:
     """A decoded array as NumPy (a tensor is detached and moved to the CPU)."""
     return x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
+
+
+@functools.cache
+def _limit_blas_threads(threads: int) -> None:
+    """Cap the BLAS library NumPy links (OpenBLAS) at ``threads`` for the whole process (0: leave its default, one
+    per core). Its products (the fit's albedo Gram matrix, the NumPy decode's basis products) otherwise each start a
+    thread per core: with two service workers on two cores the threads spin against each other, and two workers
+    served fewer photos a second than one (0.88x, default mode; 1.65x capped)."""
+    if threads > 0:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads, user_api="blas")
 
 
 def cpu_only(settings: Settings) -> bool:
