@@ -176,23 +176,37 @@ def _edge_aa(mask: np.ndarray, color: np.ndarray, step: float) -> tuple[np.ndarr
 @njit(cache=True, nogil=True)
 def _blend(region: np.ndarray, cov: np.ndarray, pm: np.ndarray, alpha: float) -> None:  # pragma: no cover
     """``region = region (1 - alpha cov) + alpha 255 pm`` in place, ``cov`` and ``pm`` sampled bilinearly at the
-    region's pixel centres (pixel centres aligned: ``u_render = (u + 0.5) h_render / h - 0.5``)."""
+    region's pixel centres (pixel centres aligned: ``u_render = (u + 0.5) h_render / h - 0.5``). The column taps
+    and weights are the same on every row (computed once), and a row whose two render rows are empty is skipped."""
     h, w = region.shape[0], region.shape[1]
     hr, wr = cov.shape
     sy, sx = hr / h, wr / w
     a255 = alpha * 255.0
+    xs0 = np.empty(w, np.int64)
+    xs1 = np.empty(w, np.int64)
+    txs = np.empty(w)
+    for x in range(w):
+        fx = (x + 0.5) * sx - 0.5
+        x0 = int(np.floor(fx))
+        txs[x] = fx - x0
+        xs1[x] = min(max(x0 + 1, 0), wr - 1)
+        xs0[x] = min(max(x0, 0), wr - 1)
+    row_any = np.zeros(hr, np.bool_)
+    for yr in range(hr):
+        for xr in range(wr):
+            if cov[yr, xr] > 0.0:
+                row_any[yr] = True
+                break
     for y in range(h):
         fy = (y + 0.5) * sy - 0.5
         y0 = int(np.floor(fy))
         ty = fy - y0
         y1 = min(max(y0 + 1, 0), hr - 1)
         y0 = min(max(y0, 0), hr - 1)
+        if not (row_any[y0] or row_any[y1]):
+            continue
         for x in range(w):
-            fx = (x + 0.5) * sx - 0.5
-            x0 = int(np.floor(fx))
-            tx = fx - x0
-            x1 = min(max(x0 + 1, 0), wr - 1)
-            x0 = min(max(x0, 0), wr - 1)
+            x0, x1, tx = xs0[x], xs1[x], txs[x]
             w00 = (1.0 - ty) * (1.0 - tx)
             w01 = (1.0 - ty) * tx
             w10 = ty * (1.0 - tx)
