@@ -41,7 +41,7 @@ from facerecon.adam import Adam
 from facerecon.coefficients import Coefficients
 from facerecon.decoder import FaceDecoder
 from facerecon.fitconfig import CROP, Engine, FitConfig, FitResult, Stall, light_prior, solves
-from facerecon.geometry import INIT_LIGHT
+from facerecon.geometry import INIT_LIGHT, Camera
 from facerecon.geometry import sh_basis as geometry_sh
 from facerecon.objective import hybrid_terms, landmark_terms
 from facerecon.render.base import Renderer
@@ -275,7 +275,7 @@ def fused_objective(decoder: FaceDecoder) -> fused.FusedObjective:
     key = (m.id_basis.data_ptr(), m.exp_basis.data_ptr(), m.albedo_basis.data_ptr(), m.mean_shape.data_ptr(),
            hash(decoder.camera))
 
-    def build() -> tuple[dict[str, np.ndarray], int, object]:
+    def build() -> tuple[dict[str, np.ndarray], int, Camera]:
         return {k: getattr(m, k).detach().cpu().numpy() for k in fused.MODEL_ARRAYS}, m.layout.id, decoder.camera
 
     return fused.FusedObjective.cached(m, key, build=build)

@@ -35,7 +35,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
@@ -477,15 +477,14 @@ class FusedObjective:
     key: tuple = ()
 
     @classmethod
-    def cached(cls, owner: object, key: tuple, arrays: Mapping[str, np.ndarray] | None = None, k_id: int = 0,
-               camera: Camera | None = None, build: object = None) -> FusedObjective:
-        """The objective kept for ``owner`` (a face model or a decoder; weakly referenced) while its ``key`` (what
-        identifies its arrays and camera) is unchanged; else built from ``build()`` -> ``(arrays, k_id, camera)``."""
+    def cached(cls, owner: object, key: tuple, build: Callable[[], tuple[Mapping[str, np.ndarray], int, Camera]]
+               ) -> FusedObjective:
+        """The objective kept for ``owner`` (a face model; weakly referenced) while its ``key`` (what identifies its
+        arrays and camera) is unchanged; else built from ``build()`` -> ``(arrays, k_id, camera)``."""
         with cls._lock:
             obj = cls._cache.get(owner)
             if obj is None or obj.key != key:
-                a, k, c = build() if callable(build) else (arrays, k_id, camera)  # type: ignore[misc]
-                obj = cls(a, k, c)
+                obj = cls(*build())
                 obj.key = key
                 cls._cache[owner] = obj
         return obj
