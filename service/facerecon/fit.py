@@ -193,8 +193,8 @@ def _fit_autograd(decoder: FaceDecoder, renderer: Renderer | None, params: _Para
 @torch.no_grad()
 def _solve_appearance_autograd(decoder: FaceDecoder, renderer: Renderer, params: _Params, target: FitTarget,
                                skin: Tensor, cfg: FitConfig, light_start: Tensor | None = None) -> None:
-    """The light and albedo block steps of the fused engine (:meth:`_PhotometricStage._solve_appearance`) through
-    any renderer: the colour's derivatives with respect to the light and albedo coefficients are per-vertex
+    """The light and albedo block steps of the fused engine
+    (:meth:`facerecon.fused.PhotometricStage._solve_appearance`) through any renderer: the colour's derivatives with respect to the light and albedo coefficients are per-vertex
     attributes, interpolated with the renderer like the colour. The region and weights are ``hybrid_terms``';
     ``light_start`` ``(B, 27)`` the light the ridge pulls towards (default: the current light)."""
     w, m = cfg.weights, decoder.model

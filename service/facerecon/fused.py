@@ -830,7 +830,7 @@ def fit_arrays(obj: FusedObjective, start: Mapping[str, np.ndarray], share: bool
 
 def start_values(init: CoefficientArrays, share: bool) -> dict[str, np.ndarray]:
     """The fit's starting groups from ``init``: float32 values as float64, a set's identity and albedo their mean
-    (in float32, as :class:`facerecon.fit.fit` takes it)."""
+    (in float32, as :func:`facerecon.fit.fit` takes it)."""
     out = {k: np.asarray(v, np.float32) for k, v in init._asdict().items()}
     if share:
         for k in ("id", "tex"):
