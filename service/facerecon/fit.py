@@ -194,8 +194,9 @@ def _fit_autograd(decoder: FaceDecoder, renderer: Renderer | None, params: _Para
 def _solve_appearance_autograd(decoder: FaceDecoder, renderer: Renderer, params: _Params, target: FitTarget,
                                skin: Tensor, cfg: FitConfig, light_start: Tensor | None = None) -> None:
     """The light and albedo block steps of the fused engine
-    (:meth:`facerecon.fused.PhotometricStage._solve_appearance`) through any renderer: the colour's derivatives with respect to the light and albedo coefficients are per-vertex
-    attributes, interpolated with the renderer like the colour. The region and weights are ``hybrid_terms``';
+    (:meth:`facerecon.fused.PhotometricStage._solve_appearance`) through any renderer: the colour's derivatives
+    with respect to the light and albedo coefficients are per-vertex attributes, interpolated with the renderer like
+    the colour. The region and weights are ``hybrid_terms``';
     ``light_start`` ``(B, 27)`` the light the ridge pulls towards (default: the current light)."""
     w, m = cfg.weights, decoder.model
     k = CROP // cfg.photo_size
