@@ -173,7 +173,9 @@ def test_local_engine_rows_and_outputs(collection: Path, local_run: tuple[Path, 
         assert (lm[:, 0] > x0 - pad).all() and (lm[:, 0] < x1 + pad).all() and (lm[:, 1] > y0 - pad).all()
         assert (lm[:, 1] < y1 + pad).all()
         assert 0 < r["detection_score"] <= 1 and r["mode"] == "rnet+lm"
-        assert r["timings_ms"]["rnet"] > 0 and r["timings_ms"]["total"] >= r["timings_ms"]["rnet"]
+        # rnet is the batch's call (all batch_faces faces); total holds this photo's share of the estimate
+        share = r["timings_ms"]["rnet"] * r["n_faces"] / r["batch_faces"]
+        assert r["timings_ms"]["rnet"] > 0 and r["timings_ms"]["total"] >= share, (r["timings_ms"], share)
         assert {len(r[f"coef_{g}"]) for g in ("angle", "trans")} == {3}
 
 
