@@ -30,7 +30,6 @@ core, a ramp over the soft edge (where the model's own tint fades).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -81,22 +80,20 @@ class FeatureRegions:
     sampled: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))
     vertices: tuple[np.ndarray, ...] = ()
 
-    _triangles: dict[bytes, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    _triangles: list[Any] = field(default_factory=list, compare=False, repr=False)
 
     def weight(self, name: str) -> np.ndarray:
         return self.weights[self.names.index(name)]
 
-    def sampled_triangles(self, triangles: np.ndarray) -> np.ndarray:
-        """``(R, F)`` bool: the triangles of ``(F, 3)`` ``triangles`` with every corner in each region's sampled set,
-        computed once per triangle list (the overlay's is the same for every photo; ~3 ms to gather)."""
-        tris = np.ascontiguousarray(triangles, np.int64)
-        key = hashlib.sha1(tris.tobytes()).digest()
-        got = self._triangles.get(key)
-        if got is None:
-            got = np.logical_and.reduce(self.sampled.T[tris], axis=1).T  # (F, 3, R) -> (R, F)
-            if len(self._triangles) > 8:
-                self._triangles.clear()
-            self._triangles[key] = got
+    def sampled_triangles(self, triangles: Any) -> np.ndarray:
+        """``(R, F)`` bool: the triangles of ``(F, 3)`` ``triangles`` (an array or a tensor) with every corner in each
+        region's sampled set; kept for the last triangle object asked about (the pipeline passes the same overlay
+        triangles for every photo; ~3 ms to gather)."""
+        if self._triangles and self._triangles[0] is triangles:
+            return self._triangles[1]
+        tris = np.asarray(_numpy(triangles), np.int64)
+        got = np.logical_and.reduce(self.sampled.T[tris], axis=1).T  # (F, 3, R) -> (R, F)
+        self._triangles[:] = [triangles, got]  # the reference keeps the object alive, so `is` stays meaningful
         return got
 
 
@@ -279,7 +276,7 @@ def feature_colours(rec: Reconstruction, regions: FeatureRegions, triangles: Any
     covered[:max(0, -a.up)] = False
     covered[max(0, a.h - a.up):] = False
     tris = _numpy(triangles)
-    tri_in = regions.sampled_triangles(tris)  # (R, F): every corner of the triangle in the sampled region
+    tri_in = regions.sampled_triangles(triangles)  # (R, F): every corner of the triangle in the sampled region
     ids = tid[covered]
     keep = tri_in.any(axis=0)[ids]  # only the pixels of some region are read
     ids = ids[keep]

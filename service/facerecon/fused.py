@@ -722,7 +722,7 @@ class PhotometricStage:
             _shade_backward(wk["g_cam"], wk["g_color"], s, obj.tris, obj.pb, rot, albedo, gam, buf["fn"],
                             buf["fnorm"], buf["n"], buf["vnorm"], buf["sh"], buf["shade"], wk["g_s"], g_rot, g_trans,
                             wk["g_albedo"], g_gam, wk["g_fn"])
-            g_geo = np.empty(obj.shape_basis.shape[0])
+            g_geo = wk["g_geo"]  # overwritten by the projection, then the landmark term adds to it
             _project(obj.shape_basis, wk["g_s"].reshape(-1), g_geo)
             landmark += obj.landmarks(geo, rot, trans, self.lm_target[b], self.lm_weight, w.landmark / (68 * st.nb),
                                       g_geo, g_rot, g_trans)

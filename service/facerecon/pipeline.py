@@ -88,7 +88,6 @@ __all__ = [
     "Reconstruction",
     "Reconstructor",
     "SetReconstruction",
-    "cpu_only",
     "prepare_face",
 ]
 
@@ -137,17 +136,12 @@ def _overlay_triangles_of(triangles: np.ndarray, face_mask: np.ndarray, vertex_r
 
 def _overlay_triangles(model: FaceModel) -> torch.Tensor:
     """The triangles drawn over a photo: the photometric face region plus the eyes and the inner mouth (the scalp,
-    neck and back of the head would paint over hair and collar)."""
+    neck and back of the head would paint over hair and collar); :func:`_overlay_triangles_of` of a torch model."""
     import torch
 
-    keep = model.face_mask.clone()
-    region = model.extras.get("vertex_region")
-    if region is not None:
-        names = model.card.regions
-        inner = [v for k, v in names.items() if k.startswith(("eyeball", "eye_socket", "mouth_socket"))]
-        keep |= torch.from_numpy(np.isin(region, inner)).to(keep.device)
-    tris = model.triangles
-    return tris[keep[tris].all(dim=1)]
+    tris = _overlay_triangles_of(model.triangles.cpu().numpy(), model.face_mask.cpu().numpy(),
+                                 model.extras.get("vertex_region"), model.card.regions or {})
+    return torch.from_numpy(tris).to(model.triangles.device)
 
 
 def prepare_face(image: np.ndarray, face: DetectedFace, lm3d5: np.ndarray, pil: Image.Image | None = None
@@ -270,7 +264,7 @@ class Reconstructor:
         the installed torch is a CPU build."""
         if self._device is not None:
             return str(self._device)
-        if cpu_only(self.settings):
+        if _cpu_only(self.settings):
             return "cpu"
         return str(self.device)
 
@@ -708,15 +702,12 @@ class Reconstructor:
         est = self.estimate(prepared, refine=refine, share_identity=True)
         _at(checkpoint, "finish")
         coeffs = est.coefficients
-        if coeffs.is_numpy:
-            a, lay = coeffs.arrays(), self.card.layout
-            zero = Coefficients.from_vector(np.zeros((1, lay.total), np.float32), lay).arrays()
-            identity = Coefficients(a.id.mean(0, keepdims=True), zero.exp, a.tex.mean(0, keepdims=True),
-                                    zero.angle, zero.gamma, zero.trans)
-        else:
-            zero = Coefficients.zeros(self.card.layout, 1, self.device)
-            identity = Coefficients(coeffs.id.mean(0, keepdim=True), zero.exp, coeffs.tex.mean(0, keepdim=True),
-                                    zero.angle, zero.gamma, zero.trans)
+        a, lay = coeffs.arrays(), self.card.layout
+        zero = Coefficients.from_vector(np.zeros((1, lay.total), np.float32), lay).arrays()
+        identity = Coefficients(a.id.mean(0, keepdims=True), zero.exp, a.tex.mean(0, keepdims=True),
+                                zero.angle, zero.gamma, zero.trans)
+        if not coeffs.is_numpy:  # torch coefficients (a GPU engine) keep their device
+            identity = identity.to(self.device)
         return SetReconstruction(items=[self.finish(p, est, i) for i, p in enumerate(prepared)], identity=identity,
                                  aggregation=est.aggregation or "", timings=dict(est.timings),
                                  indices=kept, skipped=skipped)
@@ -864,14 +855,14 @@ def _limit_blas_threads(threads: int) -> None:
     """Cap the BLAS library NumPy links (OpenBLAS) at ``threads`` for the whole process (0: leave its default, one
     per core). Its products (the fit's albedo Gram matrix, the NumPy decode's basis products) otherwise each start a
     thread per core: with two service workers on two cores the threads spin against each other, and two workers
-    served fewer photos a second than one (0.88x, default mode; 1.65x capped)."""
+    served fewer photos a second than one (0.90x, default mode, concurrency 2; 1.90x capped)."""
     if threads > 0:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(limits=threads, user_api="blas")
 
 
-def cpu_only(settings: Settings) -> bool:
+def _cpu_only(settings: Settings) -> bool:
     """Whether ``settings`` run everything on the CPU (the device setting, or ``auto`` with a CPU build of torch),
     without importing torch."""
     return settings.device == "cpu" or (settings.device == "auto" and _cpu_only_torch())

@@ -245,7 +245,8 @@ def _composite_edge_aa(
         # the CPU renderer's own kernels on the arrays (no torch): the same raster and interpolation
         tid, pixels, pix_verts, bary = rasterize_arrays(verts[0], np.asarray(triangles, np.int64), intr, znear, zfar)
         colours = np.clip(np.asarray(rgb)[0], 0.0, 1.0)
-        color = interpolate_arrays(colours, pixels, pix_verts, bary, hr * wr).reshape(hr, wr, -1).astype(np.float32)
+        color = interpolate_arrays(colours, pixels, pix_verts, bary, hr * wr).reshape(hr, wr, -1)
+        color = color.astype(np.float32, copy=False)
         mask = tid >= 0
     else:
         import torch
