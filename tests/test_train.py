@@ -139,6 +139,27 @@ def test_resume_continues_the_step_count(tiny_run: dict[str, object]) -> None:
     assert [int(r["step"]) for r in rows] == list(range(1, 10))
 
 
+def test_the_anchor_holds_the_starting_networks_landmarks(tiny_run: dict[str, object]) -> None:
+    """``anchor_weight``: a frozen copy of the starting network gives the real rows' landmark targets. At the first
+    step the student is that network, so the term is zero (to float precision; its landmarks are tens of pixels
+    from the labels, so the landmark term is not); after a few large steps it is not; without a starting network
+    it is refused."""
+    from facerecon.train.loop import RNetConfig, train_rnet
+
+    cfg: RNetConfig = tiny_run["cfg"]  # type: ignore[assignment]
+    shipped = str(FACE_MODEL.parent / "rnet.onnx")  # the repository's (the export test rewrites the run's copy)
+    out = Path(tiny_run["tmp"]) / "anchored"  # type: ignore[arg-type]
+    run = RNetConfig(**{**cfg.__dict__, "out": str(out), "steps": 3, "large_pose": 0, "init_from": shipped,
+                        "anchor_weight": 1.0, "photo_per_batch": 0, "lr": 5e-3})
+    train_rnet(run)
+    rows = _rows(out)
+    assert len(rows) == 3
+    assert float(rows[0]["anchor"]) < 1e-6 < float(rows[0]["landmark"])
+    assert float(rows[-1]["anchor"]) > 1e-3
+    with pytest.raises(ValueError, match="init_from"):
+        train_rnet(RNetConfig(**{**run.__dict__, "init_from": "", "out": str(out / "none")}))
+
+
 def test_export_onnx_loads_in_onnxnet(tiny_run: dict[str, object]) -> None:
     from facerecon.nets.runtime import OnnxNet
     from facerecon.train.export import export_run

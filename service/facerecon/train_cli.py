@@ -31,7 +31,7 @@ def _train_rnet(args: argparse.Namespace) -> int:
         max_real=args.max_real, time_limit_s=args.time_limit * 60.0, progress=not args.no_progress,
         large_pose=args.large_pose, large_pose_fraction=args.large_pose_fraction,
         init_from=str(args.init_from or ""), identity_pairs=args.identity_pairs,
-        identity_weight=args.identity_weight,
+        identity_weight=args.identity_weight, anchor_weight=args.anchor_weight,
     )
     ckpt = train_rnet(cfg, resume=args.resume)
     print(f"checkpoint: {ckpt}")
@@ -153,6 +153,9 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
                    help="P people with two photos each among every batch's real rows, their identity coefficients "
                         "held together (InfoNCE on the cosine); 0: off")
     r.add_argument("--identity-weight", type=float, default=0.02, help="weight of that identity term")
+    r.add_argument("--anchor-weight", type=float, default=0.0, metavar="A",
+                   help="with --init-from: hold the real rows' 68 projected landmarks near the starting network's "
+                        "own (a frozen copy), A times the landmark term's weight; 0: off")
     r.add_argument("--photo-per-batch", type=int, default=2, help="real images per batch with photometric loss")
     r.add_argument("--render-size", type=int, default=112, choices=[56, 112, 224])
     r.add_argument("--no-perceptual", action="store_true")

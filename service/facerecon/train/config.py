@@ -44,7 +44,10 @@ class RNetConfig:
     ``large_pose_fraction`` of every batch; ``init_from`` starts the network from another run's checkpoint (its
     weights only: a new optimiser and schedule); ``identity_pairs`` people with two photos each among every batch's
     real rows, their identity coefficients held together by
-    :func:`facerecon.train.rnet.identity_contrast_loss` (weight ``identity_weight``, ``identity_temperature``).
+    :func:`facerecon.train.rnet.identity_contrast_loss` (weight ``identity_weight``, ``identity_temperature``);
+    ``anchor_weight`` (needs ``init_from``) keeps the real rows' 68 projected landmarks near the starting network's
+    own (a frozen copy predicts them), in units of the landmark term, so that the other terms (identity) train
+    without giving back landmark accuracy.
     """
 
     data: list[str]
@@ -85,6 +88,7 @@ class RNetConfig:
     identity_pairs: int = 0
     identity_weight: float = 0.02
     identity_temperature: float = 0.1
+    anchor_weight: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RNetConfig:

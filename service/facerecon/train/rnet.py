@@ -285,7 +285,7 @@ def _real_batch(rd: RunData, n: int, rng: np.random.Generator, device: torch.dev
 
 
 _LOSS_COLUMNS = ["step", "seconds", "lr", "total", "landmark", "coef", "gamma", "supervision", "photo",
-                 "perceptual", "reflectance", "identity", "lm_px_real", "lm_px_syn", "lm_px_lp"]
+                 "perceptual", "reflectance", "identity", "lm_px_real", "lm_px_syn", "lm_px_lp", "anchor"]
 
 
 @keeps_torch_threads
@@ -321,11 +321,15 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
         log.info("resumed %s at step %d", ckpt_file, step)
     elif cfg.init_from:
         # the shipped network (models/<name>/rnet.onnx) or another run's checkpoint.pt; a new optimiser, step 0
-        if cfg.init_from.endswith(".onnx"):
-            load_rnet_onnx_weights(net, Path(cfg.init_from))
-        else:
-            net.load_state_dict(load_checkpoint(Path(cfg.init_from))["model"])
+        _load_weights(net, cfg.init_from)
         log.info("weights from %s (new optimiser, step 0)", cfg.init_from)
+    anchor_net = None
+    if cfg.anchor_weight:
+        if not cfg.init_from:
+            raise ValueError("anchor_weight needs init_from: the landmarks are held near the starting network's")
+        anchor_net = build_rnet(model.layout, cfg).to(device)
+        _load_weights(anchor_net, cfg.init_from)
+        anchor_net.eval().requires_grad_(False)
     descriptor = None
     use_photo = rd.train is not None and cfg.photo_per_batch > 0 and not cfg.synthetic_only
     if use_photo and cfg.perceptual:
@@ -395,7 +399,14 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
                                           Coefficients.from_vector(lp_vec, model.layout), LARGE_POSE_GROUPS)
                 sup = (n_syn * sup + n_lp * lp_sup) / n_sup
             total = w.landmark * lm_loss + cfg.coef_supervision * sup
-            coef = gam = photo = per = refl = ident = vec.new_zeros(())
+            coef = gam = photo = per = refl = ident = anchor = vec.new_zeros(())
+            if n_real and anchor_net is not None:
+                # the starting network's own landmarks on the same (augmented) real rows: every point, the
+                # reference's weights, also where a photo has no label for it
+                with torch.no_grad():
+                    a_lm = decoder.landmarks(Coefficients.from_vector(anchor_net(r_img).float(), model.layout))
+                anchor = losses.landmark_loss(lm_pred[n_sup:], a_lm, lm_w)
+                total = total + w.landmark * cfg.anchor_weight * anchor
             if n_real:
                 c_real = Coefficients.from_vector(vec[n_sup:], model.layout)
                 coef = losses.coefficient_loss(c_real.id, c_real.exp, c_real.tex, w)
@@ -421,7 +432,7 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
             row = {"step": step, "seconds": round(time.perf_counter() - t0, 3), "lr": opt.param_groups[0]["lr"],
                    "total": total.item(), "landmark": lm_loss.item(), "coef": coef.item(), "gamma": gam.item(),
                    "supervision": sup.item(), "photo": photo.item(), "perceptual": per.item(),
-                   "reflectance": refl.item(), "identity": ident.item(),
+                   "reflectance": refl.item(), "identity": ident.item(), "anchor": anchor.item(),
                    "lm_px_real": err[n_sup:].mean().item() if n_real else float("nan"),
                    "lm_px_syn": err[:n_syn].mean().item(),
                    "lm_px_lp": err[n_syn:n_sup].mean().item() if n_lp else float("nan")}
@@ -444,6 +455,14 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
     save_checkpoint(ckpt_file, net, opt, step)
     log.info("R-Net run %s at step %d (%.0f s this session)", out, step, time.perf_counter() - t_start)
     return ckpt_file
+
+
+def _load_weights(net: ReconNet, source: str) -> None:
+    """A shipped ``rnet.onnx`` or another run's ``checkpoint.pt`` into ``net``."""
+    if source.endswith(".onnx"):
+        load_rnet_onnx_weights(net, Path(source))
+    else:
+        net.load_state_dict(load_checkpoint(Path(source))["model"])
 
 
 def _write_val(out: Path, step: int, metrics: dict[str, float]) -> None:
