@@ -72,6 +72,23 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    def children(self) -> set[int]:
+        """The process's children (the server processes under gunicorn's arbiter with ``processes > 1``)."""
+        out: set[int] = set()
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            out.update(int(t) for t in (task / "children").read_text().split())
+        return out
+
+    def tree_rss_mib(self) -> float:
+        """RSS of the process and its children together (MiB)."""
+        total = 0.0
+        for pid in {self.pid, *self.children()}:
+            try:
+                total += rss_mib(pid)
+            except (FileNotFoundError, KeyError):  # gone meanwhile
+                continue
+        return total
+
     def rss_mib(self) -> float:
         return rss_mib(self.pid)
 

@@ -66,7 +66,11 @@ class Settings(BaseSettings):
     # Serving.
     host: str = "127.0.0.1"
     port: int = 8000
-    workers: int = Field(1, gt=0, description="inference worker threads")
+    workers: int = Field(1, gt=0, description="inference worker threads (per process)")
+    processes: int = Field(
+        1, gt=0, le=64,
+        description="server processes sharing the port (gunicorn's arbiter), each with its own models, workers, "
+                    "queue and connection cap; 1: one process, no gunicorn")
     queue_size: int = Field(16, ge=0, description="requests waiting beyond the workers before 503")
     log_level: str = "INFO"
     timeout_keep_alive_s: float = Field(5.0, gt=0, description="close an idle keep-alive connection after this")

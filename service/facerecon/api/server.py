@@ -36,12 +36,11 @@ __all__ = ["RunningServer", "add_serve_arguments", "cli_serve", "serve", "serve_
 log = logging.getLogger("facerecon.api.server")
 
 
-def _config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
-    import uvicorn
-
+def uvicorn_kwargs(settings: Settings) -> dict[str, Any]:
+    """uvicorn's configuration for ``settings`` (also each process's under ``processes > 1``)."""
     from facerecon.api.http import GRACE_MARGIN_S, guarded_protocol
 
-    kwargs: dict[str, Any] = {
+    return {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level.lower(),
@@ -52,8 +51,12 @@ def _config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Confi
         "server_header": False,
         "proxy_headers": False,
     }
-    kwargs.update(overrides)
-    return uvicorn.Config(app, **kwargs)
+
+
+def _config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    import uvicorn
+
+    return uvicorn.Config(app, **{**uvicorn_kwargs(settings), **overrides})
 
 
 def _server(app: FastAPI, config: uvicorn.Config) -> uvicorn.Server:
@@ -68,14 +71,20 @@ def serve(settings: Settings | None = None) -> None:
     """Serve the API on ``settings.host:settings.port`` until SIGTERM/SIGINT (blocking).
 
     The process answers ``/healthz`` immediately; ``/readyz`` turns 200 when the models are loaded and warmed up.
+    With ``settings.processes > 1``, that many server processes share the port (:mod:`facerecon.api.processes`).
     """
-    from facerecon.api.app import create_app
-
     settings = settings or get_settings()
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("facerecon").setLevel(level)
+    if settings.processes > 1:
+        from facerecon.api.processes import serve_processes
+
+        serve_processes(settings)
+        return
+    from facerecon.api.app import create_app
+
     app = create_app(settings)
     log.info("serving on http://%s:%d (workers %d, queue %d, graceful shutdown %.0f s)", settings.host,
              settings.port, settings.workers, settings.queue_size, settings.graceful_timeout_s)
@@ -133,12 +142,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="bind address (FACERECON_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (FACERECON_PORT, default 8000)")
     parser.add_argument("--workers", type=int, help="inference worker threads (FACERECON_WORKERS)")
+    parser.add_argument("--processes", type=int,
+                        help="server processes sharing the port, each with its models and --workers threads "
+                             "(FACERECON_PROCESSES)")
     parser.add_argument("--queue-size", type=int, help="requests waiting beyond the workers (FACERECON_QUEUE_SIZE)")
     parser.set_defaults(func=cli_serve)
 
 
 def cli_serve(args: argparse.Namespace) -> int:
-    overrides = {k: getattr(args, k) for k in ("host", "port", "workers", "queue_size")
+    overrides = {k: getattr(args, k) for k in ("host", "port", "workers", "processes", "queue_size")
                  if getattr(args, k, None) is not None}
     settings = get_settings()
     if overrides:

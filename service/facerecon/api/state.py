@@ -101,8 +101,8 @@ class ServiceState:
         self.decode_budget = MemoryBudget(settings.decode_memory_bytes)
         self.grace = ShutdownGrace()
         self._loader: threading.Thread | None = None
-        self.metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
-        self.metrics.decode_bytes.set_function(lambda: float(self.decode_budget.used))
+        self.metrics.live(self.metrics.ready, lambda: 1.0 if self.ready else 0.0)
+        self.metrics.live(self.metrics.decode_bytes, lambda: float(self.decode_budget.used))
 
     # lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -123,6 +123,7 @@ class ServiceState:
         self.grace.begin(self.settings.graceful_timeout_s)
 
     def stop(self) -> None:
+        self.metrics.close()
         if self.pool is not None:
             self.pool.close(timeout=self.settings.graceful_timeout_s)
 
