@@ -56,13 +56,14 @@ def multipart(photo: bytes, fields: dict[str, str]) -> tuple[bytes, str]:
 
 
 def send(url: str, photo: bytes, n: int, concurrency: int, refine: bool | None, max_seconds: float,
-         on_progress: dict[int, object] | None = None) -> dict[str, object]:
+         on_progress: dict[int, object] | None = None, keep_alive: bool = False) -> dict[str, object]:
     """``n`` JSON requests from ``concurrency`` threads: successes, wall seconds, median latency, statuses; calls
     ``on_progress[k]()`` when the k-th request has been answered.
 
     The client is lean on purpose (the standard library's ``http.client``, the body built once): on 2 cores its
     CPU is the server's loss. Every request opens its own connection, so that with several server processes the
-    kernel spreads them as a load balancer would (a kept-alive connection stays with one process)."""
+    kernel spreads them as a load balancer would (a kept-alive connection stays with one process); ``keep_alive``:
+    one connection per client thread instead."""
     lock = threading.Lock()
     todo = iter(range(n))
     done = [0]
@@ -75,12 +76,16 @@ def send(url: str, photo: bytes, n: int, concurrency: int, refine: bool | None, 
     t_start = time.perf_counter()
 
     def client() -> None:
+        conn = None
         while True:
             with lock:
                 if next(todo, None) is None or time.perf_counter() - t_start > max_seconds:
+                    if conn is not None:
+                        conn.close()
                     return
             t0 = time.perf_counter()
-            conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=600)
+            if conn is None:
+                conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=600)
             try:
                 conn.request("POST", "/v1/reconstruct", body=body, headers=headers)
                 resp = conn.getresponse()
@@ -88,8 +93,11 @@ def send(url: str, photo: bytes, n: int, concurrency: int, refine: bool | None, 
                 status: int | str = resp.status
             except (OSError, http.client.HTTPException) as exc:
                 status = type(exc).__name__
-            finally:
                 conn.close()
+                conn = None
+            if conn is not None and (not keep_alive or resp.will_close):
+                conn.close()
+                conn = None
             with lock:
                 statuses[status] += 1
                 if status == 200:
@@ -131,6 +139,9 @@ def main() -> None:
     ap.add_argument("--throughput-requests", type=int, default=40, help="refine=false requests per level")
     ap.add_argument("--fit-requests", type=int, default=8, help="default-mode requests per level (0: skip)")
     ap.add_argument("--max-seconds", type=float, default=300.0, help="no new request past this, per run")
+    ap.add_argument("--keep-alive", action="store_true",
+                    help="one kept-alive connection per client thread (default: a connection per request, so that "
+                         "several server processes share the requests)")
     args = ap.parse_args()
     photo = args.photo.read_bytes()
     layouts = [_layout(t) for t in args.layouts.split(",") if t]
@@ -160,10 +171,10 @@ def main() -> None:
                     memory.append((name, "peak (VmHWM)", srv.peak_rss_mib(), load1()))
                 for c in levels:
                     speed[(name, "refine=false", c)] = send(srv.url, photo, args.throughput_requests, c, False,
-                                                            args.max_seconds)
+                                                            args.max_seconds, keep_alive=args.keep_alive)
                     if args.fit_requests:
                         speed[(name, "default (fit)", c)] = send(srv.url, photo, args.fit_requests, c, None,
-                                                                 args.max_seconds)
+                                                                 args.max_seconds, keep_alive=args.keep_alive)
     print(f"\n{'layout':>8}  {'when':<34}{'RSS MiB':>9}{'load':>7}   (RSS: all the server's processes)")
     for name, when, rss, load in memory:
         print(f"{name:>8}  {when:<34}{rss:>9.0f}{load:>7.2f}")

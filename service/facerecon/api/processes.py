@@ -11,6 +11,16 @@ gracefully) with :class:`Worker`, the ``uvicorn-worker`` class made to run facer
 protocol (header timeout, connection cap, JSON for malformed HTTP, the app told when shutdown begins), so a process
 behaves exactly as ``processes=1`` does.
 
+Load-aware accepting: the processes share one listening socket, and a process's event loop would accept
+connections while its inference worker is busy (the loop is free; the work runs in a thread), so with plain
+epoll one process tends to take most connections (the wake-up order favours the process that waited last, the
+busy one) and requests queue behind each other while another process idles. So each process accepts in its own
+thread (:class:`_Acceptor`) and only while it has a free inference slot: a connection goes to a process that can
+start on it now. When every process is busy, each accepts after :data:`GATE_MAX_WAIT_S` (the request then waits
+in that process's queue, or gets 503 when it is full), so probes and scrapes are never refused, only delayed; a
+process still loading its models defers to ready ones the same way. A kept-alive connection stays with the process
+that accepted it (as behind any load balancer).
+
 Metrics: ``/metrics`` answers for all processes together, whichever one takes the scrape: the processes write
 their samples to ``PROMETHEUS_MULTIPROC_DIR`` (a fresh directory made here unless the environment names one),
 prometheus_client's multiprocess mode (:mod:`facerecon.api.metrics`).
@@ -20,18 +30,26 @@ gunicorn runs on Unix only; ``processes=1`` (the default) never imports it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
+import select
 import shutil
+import socket
 import sys
 import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gunicorn.app.base import BaseApplication
 from uvicorn_worker import UvicornWorker
 
+from facerecon.api.http import Server
 from facerecon.config import Settings
 
 if TYPE_CHECKING:
@@ -43,6 +61,112 @@ log = logging.getLogger("facerecon.api.processes")
 
 #: prometheus_client reads it when it is first imported: set before any process imports it.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Seconds a busy (or loading) process waits for a free slot before it accepts anyway (module docstring).
+GATE_MAX_WAIT_S = 0.1
+#: Seconds an accepted connection counts as taking a slot before its request has taken one (its headers arrive
+#: within about a millisecond on a LAN; the slot is taken before the body is read).
+PENDING_S = 0.005
+#: Seconds between a busy process's looks at its slots.
+_POLL_S = 0.002
+
+
+class _Acceptor:
+    """Accepts connections on the shared listening sockets in a thread, one at a time and only while
+    ``free_slots()`` (less those accepted in the last :data:`PENDING_S`) is positive, or after
+    :data:`GATE_MAX_WAIT_S` without one; hands each to the event loop as a connection of ``factory``'s protocol.
+
+    The sockets stay non-blocking (their file description is the arbiter's and every process's): ``select`` wakes
+    every idle process, one wins ``accept``, the others see ``BlockingIOError`` and wait again."""
+
+    def __init__(self, sockets: list[socket.socket], loop: asyncio.AbstractEventLoop,
+                 factory: Callable[[], asyncio.Protocol], free_slots: Callable[[], int]) -> None:
+        self._socks = sockets
+        self._loop = loop
+        self._factory = factory
+        self._free_slots = free_slots
+        self._recent: deque[float] = deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="facerecon-accept", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(1.0)
+
+    def _free(self) -> int:
+        now = time.monotonic()
+        while self._recent and now - self._recent[0] > PENDING_S:
+            self._recent.popleft()
+        try:
+            return self._free_slots() - len(self._recent)
+        except Exception:  # the app's state not set up yet: accept (the app answers 503 not_ready itself)
+            return 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            waited = 0.0
+            while self._free() <= 0 and waited < GATE_MAX_WAIT_S and not self._stop.is_set():
+                time.sleep(_POLL_S)
+                waited += _POLL_S
+            try:
+                readable, _, _ = select.select(self._socks, [], [], 0.05)
+            except (OSError, ValueError):  # the sockets closed under us: shutting down
+                return
+            for sock in readable[:1]:
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, InterruptedError):  # another process took it
+                    continue
+                except OSError:
+                    if self._stop.is_set():
+                        return
+                    log.exception("accept failed")
+                    continue
+                self._recent.append(time.monotonic())
+                try:
+                    self._loop.call_soon_threadsafe(self._hand_over, conn)
+                except RuntimeError:  # the loop has closed
+                    conn.close()
+                    return
+
+    def _hand_over(self, conn: socket.socket) -> None:
+        task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, sock=conn))
+        task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a connection could not be set up: %s", task.exception())
+
+
+class _GatedServer(Server):
+    """facerecon's uvicorn server that creates no listener of its own: its :class:`_Acceptor` feeds it."""
+
+    def __init__(self, config: Any, on_shutdown: Callable[[], None] | None, listeners: list[socket.socket],
+                 free_slots: Callable[[], int]) -> None:
+        super().__init__(config, on_shutdown=on_shutdown)
+        self._listeners = listeners
+        self._free_slots = free_slots
+        self._acceptor: _Acceptor | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=[])  # the lifespan, no listener
+        loop = asyncio.get_running_loop()
+        config = self.config
+
+        def factory() -> asyncio.Protocol:  # what uvicorn's own listener builds per connection
+            return config.http_protocol_class(config=config, server_state=self.server_state,  # type: ignore[call-arg]
+                                              app_state=self.lifespan.state, _loop=loop)
+
+        self._acceptor = _Acceptor(self._listeners, loop, factory, self._free_slots)
+        self._acceptor.start()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._acceptor is not None:
+            self._acceptor.stop()  # accept nothing more; the arbiter closes the shared sockets
+        await super().shutdown(None)
 
 
 class Worker(UvicornWorker):
@@ -63,14 +187,21 @@ class Worker(UvicornWorker):
         self.config = uvicorn.Config(**kw)
 
     async def _serve(self) -> None:
-        from facerecon.api.http import Server
-
         app: FastAPI = self.wsgi  # what the application's load() returned in this process
         self.config.app = app
         state = getattr(app.state, "service", None)
-        server = Server(self.config, on_shutdown=None if state is None else state.begin_shutdown)
+        listeners = [getattr(s, "sock", s) for s in self.sockets]  # gunicorn's wrappers hold the socket
+
+        def free_slots() -> int:
+            if state is None:
+                return 1
+            if not state.ready or state.pool is None:
+                return 0  # loading: let ready processes take the connection first
+            return state.settings.workers - state.pool.admitted
+
+        server = _GatedServer(self.config, None if state is None else state.begin_shutdown, listeners, free_slots)
         self._install_sigquit_handler()
-        await server.serve(sockets=self.sockets)
+        await server.serve(sockets=[])
         if not server.started:
             from gunicorn.arbiter import Arbiter
 
