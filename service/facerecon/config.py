@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     fast_landmarks: bool = Field(
         True, description="without refining: after the R-Net, the fit's landmark stage solved with NumPy (mode "
                           "`rnet+lm`, a few ms, no torch); false: the R-Net alone (mode `rnet`)")
+    second_pass_yaw_deg: float = Field(
+        50.0, ge=0.0, le=180.0,
+        description="without refining: a face the R-Net sees turned by at least this yaw (degrees) is re-aligned "
+                    "from its own landmarks and predicted again (gate chosen on training photos: the second look "
+                    "pays only beyond ~50 degrees); 0: never")
     # Input limits.
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest accepted upload, bytes")
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest accepted image, width x height")

@@ -144,15 +144,23 @@ def _overlay_triangles(model: FaceModel) -> torch.Tensor:
     return torch.from_numpy(tris).to(model.triangles.device)
 
 
-def prepare_face(image: np.ndarray, face: DetectedFace, lm3d5: np.ndarray, pil: Image.Image | None = None
-                 ) -> PreparedFace:
+def prepare_face(image: np.ndarray, face: DetectedFace, lm3d5: np.ndarray, pil: Image.Image | None = None,
+                 guide: tuple[np.ndarray, float] | None = None) -> PreparedFace:
     """:meth:`Reconstructor.prepare` for a face model's 5 standard 3D points ``lm3d5`` (training data preparation
-    uses it without a Reconstructor); ``pil``: the photo as an RGB Pillow image when the caller has one."""
+    uses it without a Reconstructor); ``pil``: the photo as an RGB Pillow image when the caller has one.
+
+    ``guide``: ``(68 landmarks in photo px (y down), yaw in degrees)`` to align by instead of the detection's (the
+    R-Net's own, for its second pass); the crop's ``lm68_crop`` stays the detector's points."""
     timings: dict[str, float] = {}
     with _timed(timings, "align"):
         try:
-            yaw = face.pose[1] if face.pose is not None else None
-            crop, alignment, _ = align_face(image, face.lm5, lm3d5, lm68_photo=face.lm68, yaw_degrees=yaw, pil=pil)
+            if guide is not None:
+                lm68, yaw = np.asarray(guide[0], np.float64), float(guide[1])
+                lm5 = lm68_to_lm5(lm68)
+            else:
+                lm68, lm5 = face.lm68, face.lm5
+                yaw = face.pose[1] if face.pose is not None else None
+            crop, alignment, _ = align_face(image, lm5, lm3d5, lm68_photo=lm68, yaw_degrees=yaw, pil=pil)
         except ValueError as exc:
             raise NoFaceFound(f"the face found cannot be aligned: {exc}") from exc
         lm68_crop = alignment.to_crop(face.lm68)
@@ -549,6 +557,59 @@ class Reconstructor:
             timings=timings, photo_size=prepared.photo_size, units=self.card.units, camera=self.np_decoder.camera,
         )
 
+    def second_pass(self, images: Sequence[np.ndarray], prepared: Sequence[PreparedFace], estimate: Estimate,
+                    pils: Sequence[Image.Image | None] | None = None) -> tuple[list[PreparedFace], Estimate]:
+        """The R-Net's second look at the faces it saw turned by at least ``settings.second_pass_yaw_deg``: each is
+        re-aligned by the reference alignment from the R-Net's own 68 landmarks and yaw (a profile's crop then
+        centres on the face the network sees, not on the detector's guess of the hidden side) and predicted again,
+        all in one batch; the other faces keep their rows. Only the R-Net modes (``rnet``, ``rnet+lm``) of faces
+        reconstructed on their own (not a set's shared identity).
+
+        Args:
+            images: the photo of each face (``(H, W, 3) uint8``), in ``prepared``'s order.
+            pils: the same photos as RGB Pillow images, where the caller has them.
+
+        Returns:
+            ``(prepared, estimate)``, with the re-aligned faces and their new rows in place (pass both on to
+            :meth:`finish`).
+        """
+        gate = self.settings.second_pass_yaw_deg
+        out = list(prepared)
+        if not gate or estimate.mode not in ("rnet", "rnet+lm") or estimate.aggregation is not None:
+            return out, estimate
+        coeffs = estimate.coefficients.numpy()
+        yaw = np.degrees(coeffs.arrays().angle[:, 1].astype(np.float64))
+        turned = [i for i in range(len(out)) if abs(yaw[i]) >= gate]
+        if not turned:
+            return out, estimate
+        t: dict[str, float] = {}
+        with _timed(t, "second pass"):
+            lm_crop = self.np_decoder.landmarks(Coefficients.cat([coeffs.index(i) for i in turned])).astype(np.float64)
+            again: list[int] = []
+            for k, i in enumerate(turned):
+                guide = (out[i].alignment.to_photo(lm_crop[k]), float(yaw[i]))
+                try:
+                    p2 = prepare_face(images[i], out[i].face, self.lm3d5, None if pils is None else pils[i], guide)
+                except NoFaceFound:
+                    continue  # the first look stands
+                p2.timings = {**out[i].timings, "align": out[i].timings.get("align", 0.0)
+                              + p2.timings.get("align", 0.0)}
+                out[i] = p2
+                again.append(i)
+            if not again:
+                return list(prepared), estimate
+            est2 = self.estimate([out[i] for i in again], mode=estimate.mode)
+        rows = [estimate.coefficients.index(j) for j in range(len(out))]
+        for k, i in enumerate(again):
+            rows[i] = est2.coefficients.index(k)
+        err = estimate.fit_landmark_error
+        if err is not None and est2.fit_landmark_error is not None:
+            err = (list(err[0]), list(err[1]))
+            for k, i in enumerate(again):
+                err[0][i], err[1][i] = est2.fit_landmark_error[0][k], est2.fit_landmark_error[1][k]
+        timings = {**estimate.timings, "second pass": t["second pass"]}
+        return out, Estimate(Coefficients.cat(rows), estimate.mode, estimate.aggregation, timings, err)
+
     def _decode(self, coeffs: Coefficients) -> DecodedFace:
         """The torch decode (:class:`~facerecon.decoder.FaceDecoder` on :attr:`device`)."""
         return self.decoder(coeffs)
@@ -649,6 +710,7 @@ class Reconstructor:
             p.timings.update(t)
         _at(checkpoint, "estimate")
         est = self.estimate(prepared, refine=refine)
+        prepared, est = self.second_pass([image] * len(prepared), prepared, est, [pil] * len(prepared))
         _at(checkpoint, "finish")
         return [self.finish(p, est, i) for i, p in enumerate(prepared)]
 

@@ -193,6 +193,12 @@ class UnitProcessor:
         t_est = time.perf_counter()
         try:
             estimate = self.rec.estimate(prepared, refine=self.config.refine)
+            # the R-Net's second look at turned faces, batched over the photos too (as a single photo gets it)
+            images = [ph.image for ph in ready for _ in ph.prepared]
+            prepared, estimate = self.rec.second_pass(images, prepared, estimate)  # type: ignore[arg-type]
+            at = 0
+            for ph in ready:
+                ph.prepared, at = prepared[at: at + len(ph.prepared)], at + len(ph.prepared)
         except Exception as exc:  # not one photo's fault: every photo of the call fails alike
             for ph in ready:
                 ph.rows = [self._error_of(ph.ref, ph.unit, exc, dict(ph.timings))]
