@@ -59,7 +59,7 @@ class FitTarget:
         image: ``(B, 3, 224, 224)`` float32 RGB in [0, 1].
         landmarks: ``(B, 68, 2)`` crop pixels, y up (the detector's 68 points mapped with the alignment).
         skin: ``(B, 1, 224, 224)`` skin attention in [0, 1] (:func:`facerecon.skin.skin_attention`), or None for 1.
-        landmark_weights: ``(68,)`` or None for the reference weights.
+        landmark_weights: ``(68,)`` or ``(B, 68)`` per face, or None for the reference weights.
     """
 
     image: Tensor

@@ -585,7 +585,7 @@ class FusedObjective:
         for b in range(st.nb):
             rot, d_rot, trans = self.pose(st, b)
             g_geo, g_rot, g_trans = np.zeros(self.lm_basis.shape[0]), np.zeros((3, 3)), np.zeros(3)
-            total += self.landmarks(st.geo(b), rot, trans, lm_target[b], lm_weight, w.landmark / (68 * st.nb), g_geo,
+            total += self.landmarks(st.geo(b), rot, trans, lm_target[b], lm_weight[b], w.landmark / (68 * st.nb), g_geo,
                                     g_rot, g_trans)
             self.add_pose_grads(grads, b, d_rot, g_rot, g_trans)
             self.add_geo_grads(st, grads, b, g_geo)
@@ -601,7 +601,7 @@ class FusedTarget:
         image: ``(B, 3, 224, 224)`` float32 RGB in [0, 1].
         landmarks: ``(B, 68, 2)`` crop pixels, y up.
         skin: ``(B, 1, 224, 224)`` skin attention in [0, 1], or None for 1.
-        landmark_weights: ``(68,)``, or None for the reference weights.
+        landmark_weights: ``(68,)`` for every face or ``(B, 68)`` per face, or None for the reference weights.
     """
 
     image: np.ndarray
@@ -610,8 +610,9 @@ class FusedTarget:
     landmark_weights: np.ndarray | None = None
 
     def lm_weight(self) -> np.ndarray:
-        return np.asarray(LANDMARK_WEIGHTS_68 if self.landmark_weights is None else self.landmark_weights,
-                          np.float64).reshape(68)
+        """``(B, 68)`` float64."""
+        w = np.asarray(LANDMARK_WEIGHTS_68 if self.landmark_weights is None else self.landmark_weights, np.float64)
+        return np.ascontiguousarray(np.broadcast_to(w.reshape(-1, 68), (len(self.landmarks), 68)))
 
 
 def _pool(x: np.ndarray, k: int) -> np.ndarray:
@@ -724,7 +725,7 @@ class PhotometricStage:
                             wk["g_albedo"], g_gam, wk["g_fn"])
             g_geo = wk["g_geo"]  # overwritten by the projection, then the landmark term adds to it
             _project(obj.shape_basis, wk["g_s"].reshape(-1), g_geo)
-            landmark += obj.landmarks(geo, rot, trans, self.lm_target[b], self.lm_weight, w.landmark / (68 * st.nb),
+            landmark += obj.landmarks(geo, rot, trans, self.lm_target[b], self.lm_weight[b], w.landmark / (68 * st.nb),
                                       g_geo, g_rot, g_trans)
             obj.add_geo_grads(st, grads, b, g_geo)
             obj.add_pose_grads(grads, b, d_rot, g_rot, g_trans)

@@ -32,7 +32,7 @@ from facerecon.coefficients import Coefficients
 from facerecon.landmarks import LANDMARK_WEIGHTS_68
 from facerecon.npdecode import NumpyDecoder
 
-__all__ = ["FREE", "LandmarkFitResult", "LandmarkPrior", "landmark_stage", "refine_landmarks"]
+__all__ = ["FREE", "LandmarkFitResult", "LandmarkPrior", "landmark_stage", "refine_landmarks", "turned_weights"]
 
 #: The groups the landmarks determine, in the unknown vector's order.
 FREE = ("id", "exp", "angle", "trans")
@@ -145,6 +145,20 @@ BLEND_DEG = (30.0, 50.0)
 FAST_PRIOR = LandmarkPrior(coef=1.0e-3, coef_exp=30.0)
 
 
+def turned_weights(decoder: NumpyDecoder, yaw_deg: np.ndarray) -> np.ndarray:
+    """``(B, 68)`` landmark weights for faces turned by ``yaw_deg`` ``(B,)``: the reference's, with the hidden half
+    of the jaw contour faded out between :data:`HIDDEN_JAW_DEG` (the detector guesses those points; a 3D model's
+    contour there curves away from the camera)."""
+    yaw = np.asarray(yaw_deg, np.float64).reshape(-1)
+    side = np.sign(decoder.landmark_basis[0][:17, 0])  # model x of the jaw contour's points (+x: the face's left)
+    w = np.tile(LANDMARK_WEIGHTS_68, (len(yaw), 1))
+    fade = np.clip((np.abs(yaw) - HIDDEN_JAW_DEG[0]) / (HIDDEN_JAW_DEG[1] - HIDDEN_JAW_DEG[0]), 0.0, 1.0)
+    # a head turned by +yaw shows its -x side: the +x half of the contour curves away from the camera
+    hidden = side[None, :] == np.sign(yaw)[:, None]
+    w[:, :17] *= np.where(hidden, 1.0 - fade[:, None], 1.0)
+    return w
+
+
 def landmark_stage(decoder: NumpyDecoder, coeffs: Coefficients, target: np.ndarray,
                    prior: LandmarkPrior | None = None, free: tuple[str, ...] = FREE) -> LandmarkFitResult:
     """The R-Net path's landmark stage (mode ``rnet+lm``): :func:`refine_landmarks` from the R-Net's ``coeffs`` with
@@ -152,13 +166,7 @@ def landmark_stage(decoder: NumpyDecoder, coeffs: Coefficients, target: np.ndarr
     coefficients by yaw (:data:`BLEND_DEG`). ``target``: ``(B, 68, 2)`` crop px, y up."""
     c = coeffs.numpy().arrays()
     yaw = np.degrees(c.angle[:, 1].astype(np.float64))
-    side = np.sign(decoder.landmark_basis[0][:17, 0])  # model x of the jaw contour's points (+x: the face's left)
-    w = np.tile(LANDMARK_WEIGHTS_68, (len(yaw), 1))
-    fade = np.clip((np.abs(yaw) - HIDDEN_JAW_DEG[0]) / (HIDDEN_JAW_DEG[1] - HIDDEN_JAW_DEG[0]), 0.0, 1.0)
-    # a head turned by +yaw shows its -x side: the +x half of the contour curves away from the camera
-    hidden = side[None, :] == np.sign(yaw)[:, None]
-    w[:, :17] *= np.where(hidden, 1.0 - fade[:, None], 1.0)
-    res = refine_landmarks(decoder, coeffs, target, w, prior or FAST_PRIOR, free=free)
+    res = refine_landmarks(decoder, coeffs, target, turned_weights(decoder, yaw), prior or FAST_PRIOR, free=free)
     back = np.clip((np.abs(yaw) - BLEND_DEG[0]) / (BLEND_DEG[1] - BLEND_DEG[0]), 0.0, 1.0)
     if not back.any():
         return res

@@ -103,7 +103,7 @@ def hybrid_terms(
         image: ``(B, 3, 224, 224)`` in [0, 1]; skin: ``(B, 1, 224, 224)`` skin attention; lm_target: ``(B, 68, 2)``
             crop px, y up.
         region: the photometric region (module docstring).
-        lm_weights: ``(68,)`` or None for the reference weights.
+        lm_weights: ``(68,)`` or ``(B, 68)`` per face, or None for the reference weights.
         size: render side (px); the photo and skin map are average-pooled to it when smaller than 224.
         descriptor: a face descriptor (``embed_faces(images, landmarks_px)``) for the perceptual term, or None.
     """
