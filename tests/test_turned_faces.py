@@ -1,10 +1,14 @@
-"""The R-Net's second look at turned faces (``Reconstructor.second_pass``, ``settings.second_pass_yaw_deg``).
+"""Turned faces: the R-Net's second look (``Reconstructor.second_pass``, ``settings.second_pass_yaw_deg``) and the
+fit's yaw rules (the hidden jaw faded out, the targets faded towards the R-Net's own landmarks).
 
-Expectations from outside the pipeline: CFP's manual fiducials on true profiles of held-out people (the gate was
-chosen on training people), and the pipeline's own first pass for faces below the gate (left exactly as they were).
+Expectations from outside the pipeline: CFP's manual fiducials on true profiles of held-out people (the gate and
+the fade were chosen on training people), and the pipeline's own first pass for faces below the gate (left exactly
+as they were).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -70,3 +74,30 @@ def test_faces_below_the_gate_and_the_fitting_modes_are_left_as_they_were(recons
     # a fitted estimate is never re-done, whatever its yaw (the fit is the expensive part)
     fitted = rec.estimate(prepared, mode="rnet+fit")
     assert rec.second_pass([image], prepared, fitted)[1] is fitted
+
+
+def test_the_fit_does_not_pull_profiles_back_towards_frontal(reconstructor) -> None:
+    """On held-out profiles the R-Net sees at 50 degrees or more, the fit (the default mode) must not be worse than
+    the R-Net it starts from. Before the yaw rules it was worse on 18 of the first 20 such photos (7.13 vs 5.86 %
+    mean): it chased the detector's guess of the hidden side and turned the head back towards frontal."""
+    rec = reconstructor
+    rows = []
+    for a in _profiles(144):
+        image = load(a.path)
+        face = pick_face(rec, image, a.points)
+        if face is None:
+            continue
+        prepared = [rec.prepare(image, face)]
+        est = rec.estimate(prepared, mode="rnet")
+        if abs(math.degrees(float(est.coefficients.angle[0, 1]))) < 50:
+            continue
+        fitted = rec.estimate(prepared, mode="rnet+fit")
+        rows.append((_nme(rec.finish(prepared[0], est).landmarks_photo, a),
+                     _nme(rec.finish(prepared[0], fitted).landmarks_photo, a)))
+        if len(rows) == 20:
+            break
+    r = np.asarray(rows)
+    assert len(r) == 20
+    print(f"R-Net {r[:, 0].mean():.4f}, R-Net + fit {r[:, 1].mean():.4f}, fit worse on {(r[:, 1] > r[:, 0]).sum()}")
+    assert r[:, 1].mean() <= r[:, 0].mean()
+    assert (r[:, 1] > r[:, 0]).mean() <= 0.5
