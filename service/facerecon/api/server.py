@@ -79,8 +79,11 @@ def serve(settings: Settings | None = None) -> None:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("facerecon").setLevel(level)
     if settings.processes > 1:
-        from facerecon.api.processes import serve_processes
-
+        try:
+            from facerecon.api.processes import serve_processes
+        except ImportError as exc:  # gunicorn's arbiter needs Unix (fcntl, fork)
+            raise RuntimeError(f"processes={settings.processes} needs gunicorn, which runs on Unix only ({exc}); "
+                               "use processes=1 with more workers, or one process per container") from exc
         serve_processes(settings)
         return
     from facerecon.api.app import create_app
