@@ -318,3 +318,20 @@ def test_average_runs_is_the_weighted_mean_of_the_weights(tiny_run: dict[str, ob
             assert torch.allclose(avg[k], v + 0.25, atol=1e-5), k
     with pytest.raises(ValueError):
         average_runs([run, other], [0.5, 0.6], tmp_path / "bad")
+
+
+def test_manual_rows_get_their_landmark_weight_scaled() -> None:
+    """``manual_landmark_weight``: only photos whose given landmarks come from the manual-label folder change."""
+    from facerecon.train import data as D
+    from facerecon.train.rnet import weight_manual_rows
+
+    n = 4
+    paths = ["/d/faces-train/afw_helen/images/helen_trainset/a.jpg", "/d/faces-train/afw_helen/images/x/b.jpg",
+             "/d/faces-train/ytf_68pt/c.jpg", "/d/faces-train/lfw/afw_helen_fan.jpg"]
+    real = D.RealSet(images=np.zeros((n, 224, 224, 3), np.uint8), lm68=np.zeros((n, 68, 2), np.float32),
+                     skin=np.zeros((n, 224, 224), np.uint8), identity=["a", "b", "c", "d"], paths=paths,
+                     given=np.array([True, False, True, True]), lm_weight=np.ones((n, 68), np.float32))
+    real.lm_weight[0, :17] = 0.0
+    assert weight_manual_rows(real, 3.0) == 1
+    assert (real.lm_weight[0, 17:] == 3.0).all() and (real.lm_weight[0, :17] == 0.0).all()
+    assert (real.lm_weight[1:] == 1.0).all()  # not given, another folder, a file name that only looks alike

@@ -47,7 +47,8 @@ class RNetConfig:
     :func:`facerecon.train.rnet.identity_contrast_loss` (weight ``identity_weight``, ``identity_temperature``);
     ``anchor_weight`` (needs ``init_from``) keeps the real rows' 68 projected landmarks near the starting network's
     own (a frozen copy predicts them), in units of the landmark term, so that the other terms (identity) train
-    without giving back landmark accuracy.
+    without giving back landmark accuracy; ``manual_landmark_weight`` scales the landmark term of the photos with
+    manual 68-point labels (HELEN train), whose points are the benchmark's convention.
     """
 
     data: list[str]
@@ -89,6 +90,7 @@ class RNetConfig:
     identity_weight: float = 0.02
     identity_temperature: float = 0.1
     anchor_weight: float = 0.0
+    manual_landmark_weight: float = 1.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RNetConfig:

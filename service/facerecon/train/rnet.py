@@ -119,6 +119,21 @@ def real_photos(folders: list[str], cache: Path, lm3d5: np.ndarray, limit: int =
     return D.RealSet.concat(parts)
 
 
+#: Folders whose given 68 landmarks are manual annotations (300-W's HELEN training half; the validation halves
+#: never reach a training set, :func:`facerecon.train.data.is_validation_photo`).
+MANUAL_68_FOLDERS = ("afw_helen",)
+
+
+def weight_manual_rows(real: D.RealSet, factor: float) -> int:
+    """Scale the landmark weights of the photos with manual 68-point labels (given landmarks from
+    :data:`MANUAL_68_FOLDERS`) by ``factor``, in place; returns how many."""
+    assert real.lm_weight is not None
+    rows = [i for i, p in enumerate(real.paths)
+            if real.given[i] and any(f in Path(p).parts for f in MANUAL_68_FOLDERS)]
+    real.lm_weight[rows] *= np.float32(factor)
+    return len(rows)
+
+
 def prepare_data(cfg: RNetConfig, decoder: FaceDecoder, renderer: Renderer,
                  progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None) -> RunData:
     """Build (or load from the cache) the real photo sets, the held-out split and the synthetic pools."""
@@ -135,6 +150,10 @@ def prepare_data(cfg: RNetConfig, decoder: FaceDecoder, renderer: Renderer,
         va = np.sort(rng.permutation(va)[: cfg.val_max]) if len(va) else va
         # synthetic-only runs still validate on the same held-out real photos, but never train on real pixels
         train, val = (None if cfg.synthetic_only else real.subset(tr)), real.subset(va)
+        if train is not None and cfg.manual_landmark_weight != 1.0:
+            n = weight_manual_rows(train, cfg.manual_landmark_weight)
+            log.info("landmark weight x%g on %d training photos with manual 68-point labels",
+                     cfg.manual_landmark_weight, n)
     if cfg.val_data:
         extra = real_photos(cfg.val_data, cache, lm3d5, 0, progress)
         val = extra if val is None else D.RealSet.concat([val, extra])
