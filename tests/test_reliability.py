@@ -199,13 +199,25 @@ def test_load_overload_and_memory(server: ServerProcess, small_photo: bytes) -> 
 
 def test_sigterm_lets_in_flight_requests_finish(server: ServerProcess, small_photo: bytes) -> None:
     n = 3  # within capacity (1 running + 3 waiting): all accepted
+
+    def answered() -> float:
+        text = httpx.get(f"{server.url}/metrics", timeout=5).text
+        return metric_value(text, "facerecon_http_requests_total", endpoint="/v1/reconstruct", status="200")
+
+    before = answered()
     with ThreadPoolExecutor(n) as pool:
         pending = [pool.submit(_post, server.url, small_photo) for _ in range(n)]
 
         def accepted() -> bool:
+            # every request has reached the pool (running, waiting, or already answered) and one at least is
+            # still in it: a window of about n fits, not the moment all n are in the pool together (a fit of this
+            # photo takes ~0.1 s; polling for that moment missed it once on a loaded machine)
             text = httpx.get(f"{server.url}/metrics", timeout=5).text
-            return (metric_value(text, "facerecon_inference_active")
-                    + metric_value(text, "facerecon_inference_queue_depth")) >= n
+            inside = (metric_value(text, "facerecon_inference_active")
+                      + metric_value(text, "facerecon_inference_queue_depth"))
+            done = metric_value(text, "facerecon_http_requests_total", endpoint="/v1/reconstruct",
+                                status="200") - before
+            return inside >= 1 and inside + done >= n
 
         deadline = time.monotonic() + 60
         while not accepted():
