@@ -29,13 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
-
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.server_utils import serve_subprocess  # noqa: E402
+from tests.server_utils import serve_subprocess, wait_all_ready  # noqa: E402
 
 DEFAULT_PHOTO = REPO.parent / "shared" / "data" / "deep3d-examples" / "000002.jpg"
 
@@ -115,15 +113,6 @@ def send(url: str, photo: bytes, n: int, concurrency: int, refine: bool | None, 
             "statuses": {k: v for k, v in statuses.items() if k != 200}, "load": load1()}
 
 
-def _wait_all_ready(url: str, timeout: float = 120.0) -> None:
-    """Every server process ready (``facerecon_ready``, the minimum over them, is 1)."""
-    deadline = time.monotonic() + timeout
-    while "facerecon_ready 1.0" not in httpx.get(f"{url}/metrics", timeout=10).text:
-        if time.monotonic() > deadline:
-            raise TimeoutError("not every server process became ready")
-        time.sleep(0.2)
-
-
 def _layout(text: str) -> tuple[int, int]:
     p, _, w = text.partition("x")
     return int(p), int(w or 1)
@@ -156,7 +145,7 @@ def main() -> None:
             t0 = time.perf_counter()
             with serve_subprocess(Path(tmp), processes=procs, workers=w, queue_size=max([*levels, 2]) + 4,
                                   request_timeout_s=600, graceful_timeout_s=30) as srv:
-                _wait_all_ready(srv.url)
+                wait_all_ready(srv.url)
                 ready = time.perf_counter() - t0
                 memory.append((name, f"ready ({ready:.1f} s after start)", srv.tree_rss_mib(), load1()))
                 marks = {max(1, round(args.requests * f)): f for f in (0.1, 0.5, 1.0)}

@@ -135,6 +135,16 @@ def wait_ready(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = 
         time.sleep(0.2)
 
 
+def wait_all_ready(url: str, timeout: float = 120.0) -> None:
+    """Until ``facerecon_ready`` (the minimum over a server's live processes) is 1: every process has loaded its
+    models (``/readyz`` answers for the one process that takes the connection)."""
+    deadline = time.monotonic() + timeout
+    while "facerecon_ready 1.0" not in httpx.get(f"{url}/metrics", timeout=10).text:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not every server process at {url} became ready within {timeout} s")
+        time.sleep(0.2)
+
+
 @contextmanager
 def serve_subprocess(log_dir: Path, *, ready_timeout: float = 240.0, env: dict[str, str] | None = None,
                      **settings: object) -> Iterator[ServerProcess]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_utils import serve_subprocess
+from tests.server_utils import serve_subprocess, wait_all_ready
 
 PHOTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "deep3d-examples" / "000002.jpg"
 
@@ -29,16 +29,6 @@ def _counted(metrics: str, endpoint: str) -> float:
         if line.startswith("facerecon_http_requests_total{") and f'endpoint="{endpoint}"' in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def _all_ready(url: str, timeout: float = 120.0) -> None:
-    """Until ``facerecon_ready`` (the minimum over the live processes) is 1: every process has loaded its models
-    (``/readyz`` answers for the one process that takes the connection)."""
-    deadline = time.monotonic() + timeout
-    while "facerecon_ready 1.0" not in httpx.get(f"{url}/metrics", timeout=10).text:
-        if time.monotonic() > deadline:
-            raise TimeoutError("not every process became ready")
-        time.sleep(0.2)
 
 
 def _reconstruct(url: str) -> int:
@@ -55,7 +45,7 @@ def test_two_processes_share_the_port_the_metrics_and_shut_down_cleanly(tmp_path
                           workers=1) as srv:
         workers = srv.children()
         assert len(workers) == 2, f"expected 2 server processes under the arbiter, got {workers}"
-        _all_ready(srv.url)
+        wait_all_ready(srv.url)
         sent, statuses = 0, []
         answered: set[int] = set()
         with ThreadPoolExecutor(4) as pool:
@@ -86,7 +76,7 @@ def test_two_processes_share_the_port_the_metrics_and_shut_down_cleanly(tmp_path
             time.sleep(0.2)
         else:
             raise AssertionError(f"the killed process was not replaced: {srv.children()}")
-        _all_ready(srv.url)
+        wait_all_ready(srv.url)
         assert _reconstruct(srv.url) == 200
         with httpx.Client(timeout=30) as c:
             assert _counted(c.get(f"{srv.url}/metrics").text, "/v1/reconstruct") >= sent + 1  # the dead one's too

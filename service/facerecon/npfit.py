@@ -32,7 +32,8 @@ from facerecon.coefficients import Coefficients
 from facerecon.landmarks import LANDMARK_WEIGHTS_68
 from facerecon.npdecode import NumpyDecoder
 
-__all__ = ["FREE", "LandmarkFitResult", "LandmarkPrior", "landmark_stage", "refine_landmarks", "turned_weights"]
+__all__ = ["FREE", "LandmarkFitResult", "LandmarkPrior", "blend_back", "landmark_stage", "refine_landmarks",
+           "turned_weights"]
 
 #: The groups the landmarks determine, in the unknown vector's order.
 FREE = ("id", "exp", "angle", "trans")
@@ -159,6 +160,13 @@ def turned_weights(decoder: NumpyDecoder, yaw_deg: np.ndarray) -> np.ndarray:
     return w
 
 
+def blend_back(yaw_deg: np.ndarray) -> np.ndarray:
+    """``(B,)`` in [0, 1]: how far a face turned by ``yaw_deg`` ``(B,)`` goes back to the R-Net's own landmarks,
+    0 below :data:`BLEND_DEG`, 1 beyond (towards profile the detector's 68 points are worse than the R-Net's)."""
+    yaw = np.abs(np.asarray(yaw_deg, np.float64).reshape(-1))
+    return np.clip((yaw - BLEND_DEG[0]) / (BLEND_DEG[1] - BLEND_DEG[0]), 0.0, 1.0)
+
+
 def landmark_stage(decoder: NumpyDecoder, coeffs: Coefficients, target: np.ndarray,
                    prior: LandmarkPrior | None = None, free: tuple[str, ...] = FREE) -> LandmarkFitResult:
     """The R-Net path's landmark stage (mode ``rnet+lm``): :func:`refine_landmarks` from the R-Net's ``coeffs`` with
@@ -167,7 +175,7 @@ def landmark_stage(decoder: NumpyDecoder, coeffs: Coefficients, target: np.ndarr
     c = coeffs.numpy().arrays()
     yaw = np.degrees(c.angle[:, 1].astype(np.float64))
     res = refine_landmarks(decoder, coeffs, target, turned_weights(decoder, yaw), prior or FAST_PRIOR, free=free)
-    back = np.clip((np.abs(yaw) - BLEND_DEG[0]) / (BLEND_DEG[1] - BLEND_DEG[0]), 0.0, 1.0)
+    back = blend_back(yaw)
     if not back.any():
         return res
     r = res.coefficients.arrays()

@@ -64,7 +64,7 @@ from facerecon.formats import OnMissing, texture_format_problem
 from facerecon.landmarks import lm68_to_lm5
 from facerecon.nets.runtime import OnnxNet, check_pair
 from facerecon.npdecode import DecodedFace, NumpyDecoder
-from facerecon.npfit import BLEND_DEG, FREE, landmark_stage, turned_weights
+from facerecon.npfit import FREE, blend_back, landmark_stage, turned_weights
 from facerecon.results import Estimate, Mode, PreparedFace, Reconstruction, SetReconstruction
 
 if TYPE_CHECKING:  # torch and what needs it load on first use: the R-Net path (refine=False) runs without them
@@ -597,7 +597,7 @@ class Reconstructor:
                 out[i] = p2
                 again.append(i)
             if not again:
-                return list(prepared), estimate
+                return out, estimate
             est2 = self.estimate([out[i] for i in again], mode=estimate.mode)
         rows = [estimate.coefficients.index(j) for j in range(len(out))]
         for k, i in enumerate(again):
@@ -653,8 +653,7 @@ class Reconstructor:
         cfg = config or self.fit_config
         if share_identity != cfg.share_identity:
             cfg = replace(cfg, share_identity=share_identity)
-        lm_w = self._fit_landmark_weights(prepared, init)
-        lm = self._fit_landmark_targets(prepared, init)
+        lm, lm_w = self._fit_landmarks(prepared, init)
         if self._fits_torch_free(cfg) and (init is None or init.is_numpy):
             from facerecon.fused import FusedTarget, fit_numpy
             from facerecon.skin import skin_attention
@@ -662,37 +661,29 @@ class Reconstructor:
             image = np.stack([p.crop for p in prepared]).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
             skin = skin_attention(np.stack([p.skin for p in prepared])[:, None].astype(np.float32))
             return fit_numpy(self.fused_objective, self.np_decoder, FusedTarget(image, lm, skin, lm_w), init, cfg)
-        return self._fit_torch(prepared, init, cfg, lm_w, lm)
+        return self._fit_torch(prepared, init, cfg, lm, lm_w)
 
-    def _fit_landmark_targets(self, prepared: Sequence[PreparedFace], init: Coefficients | None) -> np.ndarray:
-        """``(B, 68, 2)`` float32 crop px: the fit's landmark targets, the detector's points faded towards the
-        R-Net's own projected landmarks by its yaw between :data:`facerecon.npfit.BLEND_DEG` (the fast path's rule:
-        towards profile the detector's guess of the hidden side is worse than the R-Net's; the fit pulled such
-        faces back towards frontal and doubled their error)."""
+    def _fit_landmarks(self, prepared: Sequence[PreparedFace], init: Coefficients | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """The fit's landmark targets ``(B, 68, 2)`` float32 crop px and weights ``(B, 68)``, by each face's yaw
+        (the R-Net's, else the detector's estimate) as in the fast path: the hidden half of the jaw contour faded
+        out (:func:`facerecon.npfit.turned_weights`) and the detector's points faded towards the R-Net's own
+        projected landmarks (:func:`facerecon.npfit.blend_back`). Without them the fit chased the detector's guess
+        of a profile's hidden side and turned the head back towards frontal (held-out CFP profiles: R-Net alone
+        7.0 %, R-Net + fit 9.5 %)."""
         lm = np.stack([p.lm68_crop for p in prepared]).astype(np.float64)
         if init is None:
-            return lm.astype(np.float32)
-        c = init.numpy()
-        yaw = np.abs(np.degrees(c.arrays().angle[:, 1].astype(np.float64)))
-        k = np.clip((yaw - BLEND_DEG[0]) / (BLEND_DEG[1] - BLEND_DEG[0]), 0.0, 1.0)
-        if not k.any():
-            return lm.astype(np.float32)
-        own = self.np_decoder.landmarks(c).astype(np.float64)
-        return ((1 - k[:, None, None]) * lm + k[:, None, None] * own).astype(np.float32)
-
-    def _fit_landmark_weights(self, prepared: Sequence[PreparedFace], init: Coefficients | None) -> np.ndarray:
-        """``(B, 68)``: the fit's landmark weights for each face, the hidden half of the jaw contour faded out by
-        its yaw as in the fast path (:func:`facerecon.npfit.turned_weights`; the R-Net's yaw, else the
-        detector's estimate). Without it the fit pulled true profiles towards the detector's guess of the hidden
-        side (held-out CFP profiles: R-Net alone 7.0 %, R-Net + fit 9.5 %)."""
-        if init is not None:
-            yaw = np.degrees(init.numpy().arrays().angle[:, 1].astype(np.float64))
-        else:
             yaw = np.array([p.face.pose[1] if p.face.pose is not None else 0.0 for p in prepared], np.float64)
-        return turned_weights(self.np_decoder, yaw)
+            return lm.astype(np.float32), turned_weights(self.np_decoder, yaw)
+        c = init.numpy()
+        yaw = np.degrees(c.arrays().angle[:, 1].astype(np.float64))
+        k = blend_back(yaw)[:, None, None]
+        if k.any():
+            lm = (1 - k) * lm + k * self.np_decoder.landmarks(c).astype(np.float64)
+        return lm.astype(np.float32), turned_weights(self.np_decoder, yaw)
 
     def _fit_torch(self, prepared: Sequence[PreparedFace], init: Coefficients | None, cfg: FitConfig,
-                   lm_weights: np.ndarray | None = None, lm_targets: np.ndarray | None = None) -> FitResult:
+                   lm_targets: np.ndarray, lm_weights: np.ndarray) -> FitResult:
         import torch
 
         from facerecon.fit import FitTarget, fit
@@ -707,9 +698,9 @@ class Reconstructor:
             # moved by 0.3-7 % between two identical calls; every thread that fits runs on the setting.
             torch.set_num_threads(threads)
         image = torch.from_numpy(np.stack([p.crop for p in prepared])).permute(0, 3, 1, 2).float().div(255.0)
-        lm = torch.from_numpy(np.stack([p.lm68_crop for p in prepared]) if lm_targets is None else lm_targets).float()
+        lm = torch.from_numpy(lm_targets).float()
         skin = skin_attention(torch.from_numpy(np.stack([p.skin for p in prepared]))[:, None].float())
-        lm_w = None if lm_weights is None else torch.from_numpy(np.asarray(lm_weights, np.float32)).to(self.device)
+        lm_w = torch.from_numpy(np.asarray(lm_weights, np.float32)).to(self.device)
         target = FitTarget(image=image.to(self.device), landmarks=lm.to(self.device), skin=skin.to(self.device),
                            landmark_weights=lm_w)
         return fit(self.decoder, self.renderer, target, init=init, config=cfg)
