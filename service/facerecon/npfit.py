@@ -193,6 +193,7 @@ class _Solver:
         k_id, k_exp = decoder.layout.id, decoder.layout.exp
         self.splits = [k_id, k_id + k_exp, k_id + k_exp + 3]
         self.mean, self.basis, self.basis_t = decoder.landmark_basis  # (68, 3), (K, 68, 3), (68, 3, K)
+        self.basis_flat = self.basis.reshape(len(self.basis), 204)
         intr = decoder.camera.intrinsics
         self.fx, self.fy, self.cx, self.cy = intr.fx, intr.fy, intr.cx, intr.cy
         self.distance = float(decoder.camera.distance)
@@ -202,8 +203,7 @@ class _Solver:
         self.lm_scale = prior.landmark / 68.0
 
     def _shape(self, x: np.ndarray) -> np.ndarray:
-        n = self.splits[1]
-        return self.mean + np.tensordot(x[:n], self.basis, axes=1)
+        return self.mean + (x[: self.splits[1]] @ self.basis_flat).reshape(68, 3)
 
     def _camera(self, shape: np.ndarray, angle: np.ndarray, trans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rot = rotation(angle)
@@ -232,44 +232,53 @@ class _Solver:
         shape = self._shape(x)
         angle, trans = x[s1:s2], x[s2:]
         cam, rot = self._camera(shape, angle, trans)
-        q = self._project(cam)
         d = cam[:, 2]
+        inv = 1.0 / d
+        q = np.stack([self.fx * cam[:, 0] * inv + self.cx, self.fy * cam[:, 1] * inv + self.cy], axis=1)
         # d q / d world (68, 2, 3): cam = (x, y, distance - z)
         dq = np.zeros((68, 2, 3))
-        dq[:, 0, 0] = self.fx / d
-        dq[:, 0, 2] = self.fx * cam[:, 0] / d ** 2
-        dq[:, 1, 1] = self.fy / d
-        dq[:, 1, 2] = self.fy * cam[:, 1] / d ** 2
+        dq[:, 0, 0] = self.fx * inv
+        dq[:, 0, 2] = self.fx * cam[:, 0] * inv * inv
+        dq[:, 1, 1] = self.fy * inv
+        dq[:, 1, 2] = self.fy * cam[:, 1] * inv * inv
         jac = np.empty((68, 2, x.size))
         # shape coefficients: world = R (mean + sum x_k B_k) + t
-        m = dq @ rot  # (68, 2, 3): d q / d shape
-        jac[:, :, :s1] = m @ self.basis_t
+        jac[:, :, :s1] = (dq @ rot) @ self.basis_t  # d q / d shape, then through the basis
         # angles: world = R(θ) shape + t, so d world / d θk = shape dR_k^T
-        d_rot = rotation_derivatives(angle)
-        jac[:, :, s1:s2] = np.einsum("nij,knj->nik", dq, shape @ d_rot.transpose(0, 2, 1))
+        d_world = shape @ rotation_derivatives(angle).transpose(0, 2, 1)  # (3, 68, 3)
+        jac[:, :, s1:s2] = np.einsum("nij,knj->nik", dq, d_world)
         jac[:, :, s2:] = dq
         return q, jac
 
     def solve(self, x: np.ndarray, target: np.ndarray, w: np.ndarray, iterations: int, tol: float,
               free: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         """Levenberg-Marquardt (Marquardt's diagonal scaling) from ``x`` over the unknowns ``free`` marks (all by
-        default); returns the solution and the steps taken."""
-        free = np.ones(x.size, bool) if free is None else free
+        default); returns the solution and the steps taken. The normal matrix is the symmetric product of the
+        square-root-weighted Jacobian (one BLAS ``syrk``), the prior and the damping added on its diagonal in place."""
+        every = free is None or bool(np.all(free))
         e = self.energy(x, target, w)
         wr = np.repeat(w, 2) * self.lm_scale
-        reg = self.reg[free]
+        sw = np.sqrt(wr)[:, None]
+        reg = self.reg if every else self.reg[free]
         mu = 1e-3
         n = 0
         for n in range(1, iterations + 1):
             q, jac = self.jacobian(x)
-            j = jac.reshape(136, -1)[:, free]
+            j = jac.reshape(136, -1) if every else jac.reshape(136, -1)[:, free]
             r = (q - target).reshape(136)
-            h = j.T @ (j * wr[:, None]) + np.diag(reg)
-            g = j.T @ (wr * r) + reg * x[free]
-            diag = np.diag(h).copy()
+            js = j * sw
+            h = js.T @ js  # J^T W J (NumPy calls syrk for a product with its own transpose)
+            g = j.T @ (wr * r) + reg * (x if every else x[free])
+            diag = h.diagonal() + reg
+            h.flat[:: h.shape[0] + 1] = diag  # + the prior
+            base = diag.copy()
             while True:
+                h.flat[:: h.shape[0] + 1] = base + mu * (base + 1e-12)
                 x_new = x.copy()
-                x_new[free] += np.linalg.solve(h + mu * np.diag(diag + 1e-12), -g)
+                if every:
+                    x_new += np.linalg.solve(h, -g)
+                else:
+                    x_new[free] += np.linalg.solve(h, -g)
                 e_new = self.energy(x_new, target, w)
                 if e_new < e:
                     mu = max(mu / 3, 1e-7)
