@@ -32,7 +32,7 @@ def _train_rnet(args: argparse.Namespace) -> int:
         large_pose=args.large_pose, large_pose_fraction=args.large_pose_fraction,
         init_from=str(args.init_from or ""), identity_pairs=args.identity_pairs,
         identity_weight=args.identity_weight, anchor_weight=args.anchor_weight,
-        manual_landmark_weight=args.manual_landmark_weight,
+        manual_landmark_weight=args.manual_landmark_weight, vertex_weight=args.vertex_weight,
     )
     ckpt = train_rnet(cfg, resume=args.resume)
     print(f"checkpoint: {ckpt}")
@@ -159,6 +159,9 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
                         "own (a frozen copy), A times the landmark term's weight; 0: off")
     r.add_argument("--manual-landmark-weight", type=float, default=1.0, metavar="W",
                    help="scale the landmark term of the photos with manual 68-point labels (HELEN train) by W")
+    r.add_argument("--vertex-weight", type=float, default=0.0, metavar="V",
+                   help="dense supervision of the synthetic and turned rows: V times the mean squared distance "
+                        "(cm^2) of their face-region vertices, turned by the pose, to the true ones; 0: off")
     r.add_argument("--photo-per-batch", type=int, default=2, help="real images per batch with photometric loss")
     r.add_argument("--render-size", type=int, default=112, choices=[56, 112, 224])
     r.add_argument("--no-perceptual", action="store_true")

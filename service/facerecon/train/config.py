@@ -48,7 +48,8 @@ class RNetConfig:
     ``anchor_weight`` (needs ``init_from``) keeps the real rows' 68 projected landmarks near the starting network's
     own (a frozen copy predicts them), in units of the landmark term, so that the other terms (identity) train
     without giving back landmark accuracy; ``manual_landmark_weight`` scales the landmark term of the photos with
-    manual 68-point labels (HELEN train), whose points are the benchmark's convention.
+    manual 68-point labels (HELEN train), whose points are the benchmark's convention; ``vertex_weight`` adds the
+    dense vertex term on the rows with known coefficients (:func:`facerecon.train.rnet.vertex_loss`, cm^2).
     """
 
     data: list[str]
@@ -91,6 +92,7 @@ class RNetConfig:
     identity_temperature: float = 0.1
     anchor_weight: float = 0.0
     manual_landmark_weight: float = 1.0
+    vertex_weight: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RNetConfig:

@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from facerecon import losses
+from facerecon import geometry, losses
 from facerecon.coefficients import Coefficients
 from facerecon.decoder import FaceDecoder
+from facerecon.export import metres_per_unit
 from facerecon.facemodel import FaceModel
 from facerecon.facemodel.registry import resolve
 from facerecon.nets.rnet import ReconNet
@@ -54,6 +55,37 @@ def supervision_loss(pred: Coefficients, true: Coefficients, groups: tuple[str, 
 #: What a turned real photo's label knows exactly (:mod:`facerecon.train.large_pose`): its albedo and light are the
 #: source fit's, and its translation is the source crop's, not the re-detected crop's.
 LARGE_POSE_GROUPS = ("id", "exp", "angle")
+
+
+#: Every how many face-region vertices :func:`vertex_bases` keeps (a third of the 6,706 of the ICT face region: the
+#: term's cost stays a fraction of the batch's landmark decode, its geometry the whole region's).
+VERTEX_STRIDE = 3
+
+
+def vertex_bases(model: FaceModel, stride: int = VERTEX_STRIDE) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The face region's vertices (every ``stride``-th of ``face_mask``) for :func:`vertex_loss`: mean ``(M, 3)``,
+    identity basis ``(K_id, 3M)``, expression basis ``(K_exp, 3M)`` (model units), and centimetres per model unit."""
+    idx = model.face_mask.nonzero().flatten()[::stride]
+    cols = (idx[:, None] * 3 + torch.arange(3, device=idx.device)).reshape(-1)
+    cm = metres_per_unit(model.card.units) * 100.0
+    return model.mean_shape[idx], model.id_basis[:, cols].contiguous(), model.exp_basis[:, cols].contiguous(), cm
+
+
+def posed_vertices(c: Coefficients, bases: tuple[Tensor, Tensor, Tensor, float]) -> Tensor:
+    """``(B, M, 3)`` centimetres: the face region's vertices with identity and expression, turned by the pose's
+    rotation about the model origin (no translation: a turned photo's label does not know the crop's)."""
+    mean, id_b, exp_b, cm = bases
+    shape = mean[None] + (c.id @ id_b + c.exp @ exp_b).view(-1, mean.shape[0], 3)
+    return geometry.transform(shape, geometry.euler_to_rotation(c.angle), torch.zeros_like(c.trans)) * cm
+
+
+def vertex_loss(pred: Coefficients, true: Coefficients, bases: tuple[Tensor, Tensor, Tensor, float]) -> Tensor:
+    """Dense supervision of the rows whose true coefficients are known (synthetic and turned photos): the mean over
+    rows and face-region vertices of the squared distance (cm^2) between the predicted and the true vertices, both
+    turned by their pose (:func:`posed_vertices`). Unlike the per-coefficient term (:func:`supervision_loss`) it
+    weighs each identity, expression and angle error by how far it moves the face's surface (the vertex distance
+    cost of 3DDFA, Zhu et al. 2016, in 3D)."""
+    return ((posed_vertices(pred, bases) - posed_vertices(true, bases)) ** 2).sum(-1).mean()
 
 
 def identity_contrast_loss(ids: Tensor, pairs: int, temperature: float = 0.1) -> Tensor:
@@ -233,12 +265,17 @@ def validate(net: ReconNet, decoder: FaceDecoder, renderer: Renderer, rd: RunDat
         lm = decoder.landmarks(c).cpu()
         e, nme = landmark_errors(lm, torch.from_numpy(rd.val.lm68))
         out["val_lm_px"], out["val_nme"] = float(e.mean()), float(nme.mean())
-    syn = D.composite(rd.synthetic_val.foreground[:64], rd.synthetic_val.mask[:64],
-                      D.random_backgrounds(64, np.random.default_rng(5)), np.random.default_rng(6))
+    n_syn = min(64, len(rd.synthetic_val.coeffs))  # (a run may hold fewer held-out renders than 64)
+    syn = D.composite(rd.synthetic_val.foreground[:n_syn], rd.synthetic_val.mask[:n_syn],
+                      D.random_backgrounds(n_syn, np.random.default_rng(5)), np.random.default_rng(6))
     vec = predict(net, syn, device)
     pc = Coefficients.from_vector(vec, layout)
-    tc = Coefficients.from_vector(torch.from_numpy(rd.synthetic_val.coeffs[:64]), layout)
+    tc = Coefficients.from_vector(torch.from_numpy(rd.synthetic_val.coeffs[:n_syn]), layout)
     out["syn_angle_deg"] = float(torch.rad2deg((pc.angle - tc.angle).abs()).mean())
+    # the same renders' face-region surface, turned by each pose (what vertex_loss compares), mean distance in mm
+    v_mean, v_id, v_exp, cm = vertex_bases(decoder.model)
+    vb = (v_mean.cpu(), v_id.cpu(), v_exp.cpu(), cm)
+    out["syn_vertex_mm"] = float((posed_vertices(pc, vb) - posed_vertices(tc, vb)).norm(dim=-1).mean() * 10.0)
     if png is not None and rd.val is not None and len(rd.val):
         n = min(6, len(rd.val))
         idx = np.linspace(0, len(rd.val) - 1, n).round().astype(int)
@@ -304,7 +341,7 @@ def _real_batch(rd: RunData, n: int, rng: np.random.Generator, device: torch.dev
 
 
 _LOSS_COLUMNS = ["step", "seconds", "lr", "total", "landmark", "coef", "gamma", "supervision", "photo",
-                 "perceptual", "reflectance", "identity", "lm_px_real", "lm_px_syn", "lm_px_lp", "anchor"]
+                 "perceptual", "reflectance", "identity", "lm_px_real", "lm_px_syn", "lm_px_lp", "anchor", "vertex"]
 
 
 @keeps_torch_threads
@@ -349,6 +386,7 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
         anchor_net = build_rnet(model.layout, cfg).to(device)
         _load_weights(anchor_net, cfg.init_from)
         anchor_net.eval().requires_grad_(False)
+    v_bases = vertex_bases(model) if cfg.vertex_weight else None
     descriptor = None
     use_photo = rd.train is not None and cfg.photo_per_batch > 0 and not cfg.synthetic_only
     if use_photo and cfg.perceptual:
@@ -418,6 +456,11 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
                                           Coefficients.from_vector(lp_vec, model.layout), LARGE_POSE_GROUPS)
                 sup = (n_syn * sup + n_lp * lp_sup) / n_sup
             total = w.landmark * lm_loss + cfg.coef_supervision * sup
+            vert = vec.new_zeros(())
+            if v_bases is not None:
+                true_sup = true if not n_lp else Coefficients.from_vector(torch.cat([s_vec, lp_vec]), model.layout)
+                vert = vertex_loss(Coefficients.from_vector(vec[:n_sup], model.layout), true_sup, v_bases)
+                total = total + cfg.vertex_weight * vert
             coef = gam = photo = per = refl = ident = anchor = vec.new_zeros(())
             if n_real and anchor_net is not None:
                 # the starting network's own landmarks on the same (augmented) real rows: every point, the
@@ -452,6 +495,7 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
                    "total": total.item(), "landmark": lm_loss.item(), "coef": coef.item(), "gamma": gam.item(),
                    "supervision": sup.item(), "photo": photo.item(), "perceptual": per.item(),
                    "reflectance": refl.item(), "identity": ident.item(), "anchor": anchor.item(),
+                   "vertex": vert.item(),
                    "lm_px_real": err[n_sup:].mean().item() if n_real else float("nan"),
                    "lm_px_syn": err[:n_syn].mean().item(),
                    "lm_px_lp": err[n_syn:n_sup].mean().item() if n_lp else float("nan")}
