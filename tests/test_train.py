@@ -82,7 +82,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         shutil.copy(EXAMPLES / name, photos / name)
     models = tmp / "models" / "ict"
     models.mkdir(parents=True)
-    for f in ("facemodel.npz", "facemodel.json"):
+    for f in ("facemodel.npz", "facemodel.json", "mesh468.json"):
         (models / f).symlink_to(FACE_MODEL.parent / f)
     for f in ("rnet.onnx", "rnet.json"):  # copies: the export test below writes its own R-Net here
         shutil.copy(FACE_MODEL.parent / f, models / f)
@@ -204,6 +204,20 @@ def test_the_vertex_term_trains(tiny_run: dict[str, object]) -> None:
     assert all(float(r["vertex"]) == 0 for r in _rows(Path(cfg.out)))
     val = (out / "val.csv").read_text()
     assert "syn_vertex_mm" in val
+
+
+def test_the_face_mesh_term_trains(tiny_run: dict[str, object]) -> None:
+    """``mesh_weight``: the face mesh's targets are made for the training crops (cached with the run's data) and the
+    term is logged on the real rows (positive: the tiny network is far from them); off by default."""
+    from facerecon.train.loop import RNetConfig, train_rnet
+
+    cfg: RNetConfig = tiny_run["cfg"]  # type: ignore[assignment]
+    out = Path(tiny_run["tmp"]) / "mesh"  # type: ignore[arg-type]
+    train_rnet(RNetConfig(**{**cfg.__dict__, "out": str(out), "steps": 2, "mesh_weight": 1.0, "large_pose": 0}))
+    rows = _rows(out)
+    assert len(rows) == 2 and all(float(r["mesh"]) > 0 for r in rows)
+    assert all(float(r["mesh"]) == 0 for r in _rows(Path(cfg.out)))
+    assert list(Path(cfg.cache_dir).glob("mesh468_*.npz"))
 
 
 def test_export_onnx_loads_in_onnxnet(tiny_run: dict[str, object]) -> None:

@@ -33,6 +33,7 @@ def _train_rnet(args: argparse.Namespace) -> int:
         init_from=str(args.init_from or ""), identity_pairs=args.identity_pairs,
         identity_weight=args.identity_weight, anchor_weight=args.anchor_weight,
         manual_landmark_weight=args.manual_landmark_weight, vertex_weight=args.vertex_weight,
+        mesh_weight=args.mesh_weight,
     )
     ckpt = train_rnet(cfg, resume=args.resume)
     print(f"checkpoint: {ckpt}")
@@ -162,6 +163,9 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     r.add_argument("--vertex-weight", type=float, default=0.0, metavar="V",
                    help="dense supervision of the synthetic and turned rows: V times the mean squared distance "
                         "(cm^2) of their face-region vertices, turned by the pose, to the true ones; 0: off")
+    r.add_argument("--mesh-weight", type=float, default=0.0, metavar="M",
+                   help="dense face-mesh term on the real rows: the face mesh's 468 points as targets of the face "
+                        "model's vertices (models/<name>/mesh468.json), M times the landmark term's weight; 0: off")
     r.add_argument("--photo-per-batch", type=int, default=2, help="real images per batch with photometric loss")
     r.add_argument("--render-size", type=int, default=112, choices=[56, 112, 224])
     r.add_argument("--no-perceptual", action="store_true")

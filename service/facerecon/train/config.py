@@ -49,7 +49,9 @@ class RNetConfig:
     own (a frozen copy predicts them), in units of the landmark term, so that the other terms (identity) train
     without giving back landmark accuracy; ``manual_landmark_weight`` scales the landmark term of the photos with
     manual 68-point labels (HELEN train), whose points are the benchmark's convention; ``vertex_weight`` adds the
-    dense vertex term on the rows with known coefficients (:func:`facerecon.train.rnet.vertex_loss`, cm^2).
+    dense vertex term on the rows with known coefficients (:func:`facerecon.train.rnet.vertex_loss`, cm^2);
+    ``mesh_weight`` the dense face-mesh term on the real rows (:mod:`facerecon.train.mesh`), in units of the landmark
+    term.
     """
 
     data: list[str]
@@ -93,6 +95,7 @@ class RNetConfig:
     anchor_weight: float = 0.0
     manual_landmark_weight: float = 1.0
     vertex_weight: float = 0.0
+    mesh_weight: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RNetConfig:

@@ -542,7 +542,7 @@ def composite(foreground: np.ndarray, mask: np.ndarray, background: np.ndarray, 
 # ---------------------------------------------------------------------------------------------------------------
 def augment(images: Tensor, skin: Tensor, lm68: Tensor, rng: np.random.Generator, *, shift: float = 10.0,
             scale: tuple[float, float] = (0.9, 1.1), rot_deg: float = 10.0, flip: float = 0.5,
-            lm_weight: Tensor | None = None) -> tuple[Tensor, ...]:
+            lm_weight: Tensor | None = None, points: Tensor | None = None) -> tuple[Tensor, ...]:
     """Random similarity + flip of aligned crops, as the reference's augmentation (reference.md section 12).
 
     Args:
@@ -551,6 +551,9 @@ def augment(images: Tensor, skin: Tensor, lm68: Tensor, rng: np.random.Generator
         rng: the sampler.
 
         lm_weight: optional ``(B, 68)`` per-landmark weights, re-indexed with the landmarks (then returned 4th).
+        points: optional ``(B, P, 2)`` more crop points (y up), moved with the image but not re-indexed (with
+            ``lm_weight``; returned 5th, then the ``(B,)`` bool mask of the flipped rows, for the caller to mirror
+            what the points mark, e.g. :class:`facerecon.train.mesh.MeshTerm`).
 
     Returns:
         The transformed ``(images, skin, lm68)`` (bilinear resampling, zero outside; flipped landmarks re-indexed
@@ -578,13 +581,21 @@ def augment(images: Tensor, skin: Tensor, lm68: Tensor, rng: np.random.Generator
     grid = F.affine_grid(theta, [b, 1, CROP, CROP], align_corners=True)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     skin = F.grid_sample(skin, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    yd = torch.stack([lm68[..., 0], (CROP - 1) - lm68[..., 1]], dim=-1)  # y down
-    yd = yd @ a_fwd[:, :, :2].transpose(1, 2) + a_fwd[:, None, :, 2]
-    out = torch.stack([yd[..., 0], (CROP - 1) - yd[..., 1]], dim=-1)
+
+    def move(pts: Tensor) -> Tensor:
+        yd = torch.stack([pts[..., 0], (CROP - 1) - pts[..., 1]], dim=-1)  # y down
+        yd = yd @ a_fwd[:, :, :2].transpose(1, 2) + a_fwd[:, None, :, 2]
+        return torch.stack([yd[..., 0], (CROP - 1) - yd[..., 1]], dim=-1)
+
+    out = move(lm68)
     if flips.any():
         mirror = torch.from_numpy(MIRROR_68)
         fl = torch.from_numpy(flips)
         out = torch.where(fl[:, None, None], out[:, mirror], out)
         if lm_weight is not None:
             lm_weight = torch.where(fl[:, None], lm_weight[:, mirror], lm_weight)
+    if points is not None:
+        if lm_weight is None:
+            raise ValueError("points need lm_weight (the outputs keep their order)")
+        return images, skin, out, lm_weight, move(points.to(a_fwd)), torch.from_numpy(flips)
     return (images, skin, out) if lm_weight is None else (images, skin, out, lm_weight)

@@ -41,6 +41,7 @@ from facerecon.train.large_pose import (
     large_pose_pool,
     select_sources,
 )
+from facerecon.train.mesh import MeshTargets, MeshTerm, crop_mesh_targets, load_correspondence
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class RunData:
     synthetic: D.SyntheticPool
     synthetic_val: D.SyntheticPool
     large_pose: LargePosePool | None = None
+    mesh: MeshTargets | None = None  # the training rows' face-mesh targets (``mesh_weight``)
 
 
 def _holdout_split(real: D.RealSet) -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +200,13 @@ def prepare_data(cfg: RNetConfig, decoder: FaceDecoder, renderer: Renderer,
     lp = None
     if cfg.large_pose and cfg.data:
         lp = turned_photos(cfg, cache, progress)
-    return RunData(train, val, pool, pool_val, lp)
+    mesh = None
+    if cfg.mesh_weight and train is not None:
+        corr = load_correspondence(resolve(Path(cfg.models_dir), cfg.face_model))
+        mesh = crop_mesh_targets(train.images, train.lm68, corr, cache, progress=progress)
+        log.info("face-mesh targets: %d training crops, %.0f %% of them weighted (yaw below %g degrees)",
+                 len(train), 100 * float((mesh.weight.max(1) > 0).mean()), 40.0)
+    return RunData(train, val, pool, pool_val, lp, mesh)
 
 
 def turned_photos(cfg: RNetConfig, cache: Path,
@@ -322,10 +330,12 @@ def _large_pose_batch(rd: RunData, n: int, rng: np.random.Generator, device: tor
 
 
 def _real_batch(rd: RunData, n: int, rng: np.random.Generator, device: torch.device, augment: bool,
-                people: list[np.ndarray] | None = None, pairs: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``n`` real photos: images ``(n, 3, 224, 224)``, skin attention ``(n, 1, 224, 224)``, landmarks, and the
-    landmarks' weights ``(n, 68)``; with ``pairs``, the first ``2 * pairs`` rows are two photos each of that many
-    people drawn from ``people`` (:func:`paired_people`)."""
+                people: list[np.ndarray] | None = None, pairs: int = 0
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """``n`` real photos: images ``(n, 3, 224, 224)``, skin attention ``(n, 1, 224, 224)``, landmarks, the
+    landmarks' weights ``(n, 68)``, and with face-mesh targets (``rd.mesh``) their points ``(n, 468, 2)``, weights
+    ``(n, 468)`` and the rows the augmentation flipped ``(n,)`` (else None); with ``pairs``, the first
+    ``2 * pairs`` rows are two photos each of that many people drawn from ``people`` (:func:`paired_people`)."""
     assert rd.train is not None and rd.train.lm_weight is not None
     ix = rng.integers(0, len(rd.train), size=n)
     if pairs and people:
@@ -335,13 +345,22 @@ def _real_batch(rd: RunData, n: int, rng: np.random.Generator, device: torch.dev
     skin = torch.from_numpy(rd.train.skin[ix]).to(device)[:, None].float().div_(255.0)
     lm = torch.from_numpy(rd.train.lm68[ix]).to(device)
     lw = torch.from_numpy(rd.train.lm_weight[ix]).to(device)
-    if augment:
+    mesh = None
+    if rd.mesh is not None:
+        pts = torch.from_numpy(rd.mesh.points[ix]).to(device)
+        mw = torch.from_numpy(rd.mesh.weight[ix]).to(device)
+        flips = torch.zeros(n, dtype=torch.bool, device=device)
+        if augment:
+            img, skin, lm, lw, pts, flips = D.augment(img, skin, lm, rng, lm_weight=lw, points=pts)
+        mesh = (pts, mw, flips.to(device))
+    elif augment:
         img, skin, lm, lw = D.augment(img, skin, lm, rng, lm_weight=lw)
-    return img, skin_attention(skin), lm, lw
+    return img, skin_attention(skin), lm, lw, mesh
 
 
 _LOSS_COLUMNS = ["step", "seconds", "lr", "total", "landmark", "coef", "gamma", "supervision", "photo",
-                 "perceptual", "reflectance", "identity", "lm_px_real", "lm_px_syn", "lm_px_lp", "anchor", "vertex"]
+                 "perceptual", "reflectance", "identity", "lm_px_real", "lm_px_syn", "lm_px_lp", "anchor", "vertex",
+                 "mesh"]
 
 
 @keeps_torch_threads
@@ -387,6 +406,8 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
         _load_weights(anchor_net, cfg.init_from)
         anchor_net.eval().requires_grad_(False)
     v_bases = vertex_bases(model) if cfg.vertex_weight else None
+    mesh_term = MeshTerm(decoder, load_correspondence(resolve(Path(cfg.models_dir), cfg.face_model))) \
+        if rd.mesh is not None else None
     descriptor = None
     use_photo = rd.train is not None and cfg.photo_per_batch > 0 and not cfg.synthetic_only
     if use_photo and cfg.perceptual:
@@ -433,7 +454,8 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
                 lp_img, lp_vec, lp_lm = _large_pose_batch(rd, n_lp, rng, device)
                 parts.append(lp_img)
             if n_real:
-                r_img, r_skin, r_lm, r_lw = _real_batch(rd, n_real, rng, device, cfg.augment, people, n_pairs)
+                r_img, r_skin, r_lm, r_lw, r_mesh = _real_batch(rd, n_real, rng, device, cfg.augment, people,
+                                                                n_pairs)
                 parts.append(r_img)
             images = torch.cat(parts)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
@@ -461,7 +483,7 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
                 true_sup = true if not n_lp else Coefficients.from_vector(torch.cat([s_vec, lp_vec]), model.layout)
                 vert = vertex_loss(Coefficients.from_vector(vec[:n_sup], model.layout), true_sup, v_bases)
                 total = total + cfg.vertex_weight * vert
-            coef = gam = photo = per = refl = ident = anchor = vec.new_zeros(())
+            coef = gam = photo = per = refl = ident = anchor = mesh_l = vec.new_zeros(())
             if n_real and anchor_net is not None:
                 # the starting network's own landmarks on the same (augmented) real rows: every point, the
                 # reference's weights, also where a photo has no label for it
@@ -477,6 +499,9 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
                 if n_pairs:
                     ident = identity_contrast_loss(c_real.id, n_pairs, cfg.identity_temperature)
                     total = total + cfg.identity_weight * ident
+                if mesh_term is not None and r_mesh is not None:
+                    mesh_l = mesh_term.loss(c_real, *r_mesh)
+                    total = total + w.landmark * cfg.mesh_weight * mesh_l
             if n_photo:
                 c_ph = Coefficients.from_vector(vec[n_sup: n_sup + n_photo], model.layout)
                 # the photo subset's rendered terms (the landmark and prior terms are taken over the whole batch
@@ -495,7 +520,7 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
                    "total": total.item(), "landmark": lm_loss.item(), "coef": coef.item(), "gamma": gam.item(),
                    "supervision": sup.item(), "photo": photo.item(), "perceptual": per.item(),
                    "reflectance": refl.item(), "identity": ident.item(), "anchor": anchor.item(),
-                   "vertex": vert.item(),
+                   "vertex": vert.item(), "mesh": mesh_l.item(),
                    "lm_px_real": err[n_sup:].mean().item() if n_real else float("nan"),
                    "lm_px_syn": err[:n_syn].mean().item(),
                    "lm_px_lp": err[n_syn:n_sup].mean().item() if n_lp else float("nan")}
