@@ -99,8 +99,17 @@ def main() -> None:
     print(f"{'total':<14}{statistics.median(totals):>12.1f}{percentile(totals, 90):>10.1f}")
 
     # the default path as a service answers JSON: bytes -> photo -> faces -> crop -> coefficients -> landmarks in
-    # photo pixels + coefficients JSON (no mesh decode, no overlay, no file)
-    import json
+    # photo pixels + coefficients JSON (no mesh decode, no overlay, no file), serialised as the service does
+    # (facerecon.api.jobs: the response model's model_dump_json)
+    from facerecon.report import face_result, reconstruct_response
+
+    names = list(rec.card.expression_names or [])
+
+    def answer(r: object, image: np.ndarray) -> bytes:
+        faces = [face_result(r, 0, expression_names=names)]  # type: ignore[arg-type]
+        doc = reconstruct_response(rec.card.name, rec.card.layout, (image.shape[1], image.shape[0]), faces,
+                                   dict(r.timings))  # type: ignore[attr-defined]
+        return doc.model_dump_json().encode()
 
     fast: list[float] = []
     nets: list[float] = []
@@ -112,7 +121,7 @@ def main() -> None:
                 t = time.perf_counter()
                 image = decode_image(data, max_bytes=1 << 26, max_pixels=1 << 26)
                 r = rec.reconstruct(image, refine=False if args.no_refine else None)[0]
-                json.dumps(rec.to_json(r))
+                answer(r, image)
                 fast.append((time.perf_counter() - t) * 1000)
                 nets.append(sum(clock))
     print(f"{'JSON path':<14}{statistics.median(fast):>12.1f}{percentile(fast, 90):>10.1f}   (bytes -> coefficients "
