@@ -41,7 +41,7 @@ from facerecon.train.large_pose import (
     large_pose_pool,
     select_sources,
 )
-from facerecon.train.mesh import MeshTargets, MeshTerm, crop_mesh_targets, load_correspondence
+from facerecon.train.mesh import YAW_FADE_DEG, MeshTargets, MeshTerm, crop_mesh_targets, load_correspondence
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +204,8 @@ def prepare_data(cfg: RNetConfig, decoder: FaceDecoder, renderer: Renderer,
     if cfg.mesh_weight and train is not None:
         corr = load_correspondence(resolve(Path(cfg.models_dir), cfg.face_model))
         mesh = crop_mesh_targets(train.images, train.lm68, corr, cache, progress=progress)
-        log.info("face-mesh targets: %d training crops, %.0f %% of them weighted (yaw below %g degrees)",
-                 len(train), 100 * float((mesh.weight.max(1) > 0).mean()), 40.0)
+        log.info("face-mesh targets: %d training crops, %.0f %% of them weighted (the mesh's yaw below %g degrees)",
+                 len(train), 100 * float((mesh.weight.max(1) > 0).mean()), YAW_FADE_DEG[1])
     return RunData(train, val, pool, pool_val, lp, mesh)
 
 
