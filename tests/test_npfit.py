@@ -144,3 +144,21 @@ def test_the_fast_stage_hands_profiles_back_to_the_rnet(npdec: NumpyDecoder) -> 
         else:
             a, b, c = start.arrays().id, plain.id, got.id
             assert np.linalg.norm(c - a) < np.linalg.norm(b - a) and np.linalg.norm(c - b) < np.linalg.norm(b - a)
+
+
+def test_the_prior_pulls_towards_its_centre(npdec: NumpyDecoder) -> None:
+    """A coefficient prior far stronger than the landmark term leaves identity and expression at its centre: the
+    mean face (``center="zero"``), the starting coefficients (``"start"``), or the mean identity with the starting
+    expression (``"start_exp"``); only the pose follows the landmarks."""
+    rng = np.random.default_rng(5)
+    start = _random_face(npdec, rng, 15.0)
+    target = npdec.landmarks(_random_face(npdec, rng, 20.0))
+    c0 = start.arrays()
+    for center, want_id, want_exp in (("zero", 0 * c0.id, 0 * c0.exp), ("start", c0.id, c0.exp),
+                                      ("start_exp", 0 * c0.id, c0.exp)):
+        res = refine_landmarks(npdec, start, target, prior=LandmarkPrior(coef=1e4, center=center))
+        out = res.coefficients.arrays()
+        np.testing.assert_allclose(out.id, want_id, atol=2e-3)
+        np.testing.assert_allclose(out.exp, want_exp, atol=2e-3)
+    with pytest.raises(ValueError, match="centre"):
+        refine_landmarks(npdec, start, target, prior=LandmarkPrior(center="elsewhere"))

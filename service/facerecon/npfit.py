@@ -48,6 +48,10 @@ class LandmarkPrior:
     coef: float = 3.0e-3
     coef_id: float = 1.0
     coef_exp: float = 0.8
+    #: where the coefficient prior pulls: ``"zero"`` (the mean face, the fit's prior), ``"start"`` (the starting
+    #: coefficients, e.g. the R-Net's: a prior centred on the network's estimate) or ``"start_exp"`` (identity
+    #: towards the mean face, expression towards the starting expression)
+    center: str = "zero"
 
 
 @dataclass(frozen=True)
@@ -90,10 +94,17 @@ def refine_landmarks(decoder: NumpyDecoder, coeffs: Coefficients, target: np.nda
     solver = _Solver(decoder, prior)
     lay = decoder.layout
     mask = np.concatenate([np.full(n, g in free) for g, n in zip(FREE, (lay.id, lay.exp, 3, 3), strict=True)])
+    if prior.center not in ("zero", "start", "start_exp"):
+        raise ValueError(f"prior centre must be 'zero', 'start' or 'start_exp', got {prior.center!r}")
     for i in range(b):
         x = np.concatenate([ids[i], exps[i], angles[i], trans[i]])
         before.append(solver.error(x, tgt[i]))
-        x, n = solver.solve(x, tgt[i], wts[i], iterations, tol, mask)
+        center = None
+        if prior.center != "zero":
+            center = x.copy()
+            if prior.center == "start_exp":
+                center[: solver.splits[0]] = 0.0
+        x, n = solver.solve(x, tgt[i], wts[i], iterations, tol, mask, center)
         after.append(solver.error(x, tgt[i]))
         its.append(n)
         ids[i], exps[i], angles[i], trans[i] = np.split(x, solver.splits)
@@ -222,9 +233,10 @@ class _Solver:
     def error(self, x: np.ndarray, target: np.ndarray) -> float:
         return float(np.linalg.norm(self.landmarks(x) - target, axis=1).mean())
 
-    def energy(self, x: np.ndarray, target: np.ndarray, w: np.ndarray) -> float:
+    def energy(self, x: np.ndarray, target: np.ndarray, w: np.ndarray, center: np.ndarray | None = None) -> float:
         r = self.landmarks(x) - target
-        return float(self.lm_scale * (w * (r ** 2).sum(1)).sum() + (self.reg * x ** 2).sum())
+        d = x if center is None else x - center
+        return float(self.lm_scale * (w * (r ** 2).sum(1)).sum() + (self.reg * d ** 2).sum())
 
     def jacobian(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Projected landmarks ``(68, 2)`` and their Jacobian ``(68, 2, K)``."""
@@ -251,12 +263,13 @@ class _Solver:
         return q, jac
 
     def solve(self, x: np.ndarray, target: np.ndarray, w: np.ndarray, iterations: int, tol: float,
-              free: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+              free: np.ndarray | None = None, center: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         """Levenberg-Marquardt (Marquardt's diagonal scaling) from ``x`` over the unknowns ``free`` marks (all by
         default); returns the solution and the steps taken. The normal matrix is the symmetric product of the
         square-root-weighted Jacobian (one BLAS ``syrk``), the prior and the damping added on its diagonal in place."""
         every = free is None or bool(np.all(free))
-        e = self.energy(x, target, w)
+        e = self.energy(x, target, w, center)
+        c = np.zeros_like(x) if center is None else center
         wr = np.repeat(w, 2) * self.lm_scale
         sw = np.sqrt(wr)[:, None]
         reg = self.reg if every else self.reg[free]
@@ -268,7 +281,7 @@ class _Solver:
             r = (q - target).reshape(136)
             js = j * sw
             h = js.T @ js  # J^T W J (NumPy calls syrk for a product with its own transpose)
-            g = j.T @ (wr * r) + reg * (x if every else x[free])
+            g = j.T @ (wr * r) + reg * ((x - c) if every else (x - c)[free])
             diag = h.diagonal() + reg
             h.flat[:: h.shape[0] + 1] = diag  # + the prior
             base = diag.copy()
@@ -279,7 +292,7 @@ class _Solver:
                     x_new += np.linalg.solve(h, -g)
                 else:
                     x_new[free] += np.linalg.solve(h, -g)
-                e_new = self.energy(x_new, target, w)
+                e_new = self.energy(x_new, target, w, center)
                 if e_new < e:
                     mu = max(mu / 3, 1e-7)
                     break
