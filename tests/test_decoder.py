@@ -47,7 +47,9 @@ def test_batch_entries_are_independent(ict_model, ict_decoder) -> None:
     v = torch.randn(3, ict_model.layout.total) * 0.3
     batch = ict_decoder(Coefficients.from_vector(v, ict_model.layout))
     single = ict_decoder(Coefficients.from_vector(v[1:2], ict_model.layout))
-    torch.testing.assert_close(batch.colors[1:2], single.colors, rtol=1e-4, atol=1e-5)
+    # float32 products in a batch of 3 and of 1 round differently (seen: 3e-5 on one of 47K colour values);
+    # 1e-4 is 40 times below one 8-bit level
+    torch.testing.assert_close(batch.colors[1:2], single.colors, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(batch.landmarks_2d[1:2], single.landmarks_2d, rtol=1e-5, atol=1e-4)
 
 
