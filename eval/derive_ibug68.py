@@ -69,9 +69,11 @@ def derive_ibug68_map(
     return idx_out, w_out
 
 
-def mesh_points(detector: FaceDetector, items: list[facedata.Annotated]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mesh points (pixel-centre convention) of the detection nearest each annotation, with truths and norms."""
-    mesh, truth, norm = [], [], []
+def nearest_meshes(detector: FaceDetector, items: list[facedata.Annotated]
+                   ) -> list[tuple[facedata.Annotated, np.ndarray]]:
+    """Each annotated face with the 3D mesh points ``(468, 3)`` (continuous photo px, z smaller = nearer) of the
+    detection nearest it; faces without a detection are left out."""
+    out = []
     for a in tqdm(items, desc="face mesh", leave=False):
         img = Image.open(a.path).convert("RGB")
         det = detector.boxes(img)
@@ -79,11 +81,15 @@ def mesh_points(detector: FaceDetector, items: list[facedata.Annotated]) -> tupl
             continue
         pts, _ = detector.mesh_points(img, det)
         centres = (det.boxes[:, :2] + det.boxes[:, 2:]) / 2 - 0.5
-        i = int(np.argmin(np.linalg.norm(centres - a.points.mean(0), axis=1)))
-        mesh.append(pts[i, :, :2] - 0.5)
-        truth.append(a.points)
-        norm.append(a.box_norm)
-    return np.array(mesh), np.array(truth), np.array(norm)
+        out.append((a, pts[int(np.argmin(np.linalg.norm(centres - a.points.mean(0), axis=1)))]))
+    return out
+
+
+def mesh_points(detector: FaceDetector, items: list[facedata.Annotated]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mesh points (pixel-centre convention) of the detection nearest each annotation, with truths and norms."""
+    found = nearest_meshes(detector, items)
+    return (np.array([p[:, :2] - 0.5 for _, p in found]), np.array([a.points for a, _ in found]),
+            np.array([a.box_norm for a, _ in found]))
 
 
 def nme(mesh: np.ndarray, truth: np.ndarray, norm: np.ndarray, idx: np.ndarray, w: np.ndarray) -> tuple[float, float]:

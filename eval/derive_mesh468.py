@@ -26,10 +26,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
 from eval import facedata
+from eval.derive_ibug68 import nearest_meshes
 from facerecon.detect.detector import FaceDetector
 from facerecon.detect.facemesh import mesh_to_ibug68
 from facerecon.export import metres_per_unit
@@ -73,21 +72,6 @@ def nearest_vertices(canonical: np.ndarray, vertices: np.ndarray, candidates: np
     return candidates[j], d[np.arange(len(canonical)), j]
 
 
-def mesh3d(detector: FaceDetector, items: list[facedata.Annotated]) -> np.ndarray:
-    """The 3D mesh points of the detection nearest each annotation: ``(F, 468, 3)``."""
-    out = []
-    for a in tqdm(items, desc="face mesh", leave=False):
-        img = Image.open(a.path).convert("RGB")
-        det = detector.boxes(img)
-        if len(det) == 0:
-            continue
-        pts, _ = detector.mesh_points(img, det)
-        centres = (det.boxes[:, :2] + det.boxes[:, 2:]) / 2 - 0.5
-        i = int(np.argmin(np.linalg.norm(centres - a.points.mean(0), axis=1)))
-        out.append(pts[i])
-    return np.asarray(out)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--face-model", default="ict")
@@ -102,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     lm3d = model.standard_landmarks68.astype(np.float64)
     items = [a for a in facedata.afw_helen(("helen_trainset",))
              if abs(facedata.template_yaw(a.points, lm3d)) <= args.max_yaw]
-    pts = mesh3d(FaceDetector(), items)
+    pts = np.asarray([p for _, p in nearest_meshes(FaceDetector(), items)])
     canon = canonical_mesh(pts, mean[model.landmarks68.numpy()])
     mm = 1000.0 * metres_per_unit(model.card.units)
     idx, dist = nearest_vertices(canon, mean, np.flatnonzero(model.face_mask.numpy()))

@@ -7,7 +7,6 @@ from the model's card. :class:`~facerecon.npdecode.NumpyDecoder` is the same mat
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from facerecon import geometry
@@ -34,18 +33,20 @@ class FaceDecoder(nn.Module):
         key = (m.id_basis.data_ptr(), m.exp_basis.data_ptr(), m.mean_shape.data_ptr(), str(m.id_basis.device))
         cached = getattr(self, "_lm_cache", None)
         if cached is None or cached[0] != key:
-            lm = m.landmarks68
-            cols = (lm[:, None] * 3 + torch.arange(3, device=lm.device)).reshape(-1)
-            cached = (key, (m.mean_shape[lm], m.id_basis[:, cols].contiguous(), m.exp_basis[:, cols].contiguous()))
+            cached = (key, m.subset_bases(m.landmarks68))
             self._lm_cache = cached
         return cached[1]
 
     def landmarks(self, coeffs: Coefficients) -> Tensor:
         """Only the 68 landmarks, ``(B, 68, 2)`` crop pixels (y up), decoding just the 68 landmark vertices (cheap;
         for landmark-only fitting and training). Equals ``forward(coeffs).landmarks_2d``."""
-        mean_lm, id_lm, exp_lm = self._landmark_bases()
-        offsets = coeffs.id @ id_lm + coeffs.exp @ exp_lm
-        shape = mean_lm[None] + offsets.view(-1, 68, 3)
+        return self.project_subset(coeffs, self._landmark_bases())
+
+    def project_subset(self, coeffs: Coefficients, bases: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """``(B, M, 2)`` crop pixels (y up) of the M vertices whose ``bases`` (:meth:`FaceModel.subset_bases`) are
+        given, posed and projected as :meth:`forward` does."""
+        mean, id_b, exp_b = bases
+        shape = mean[None] + (coeffs.id @ id_b + coeffs.exp @ exp_b).view(-1, mean.shape[0], 3)
         rot = geometry.euler_to_rotation(coeffs.angle)
         cam = geometry.to_camera(geometry.transform(shape, rot, coeffs.trans), self.camera.distance)
         return geometry.project(cam, self.camera.intrinsics)

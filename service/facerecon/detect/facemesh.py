@@ -137,12 +137,13 @@ class FaceMesh:
         scores = 1.0 / (1.0 + np.exp(-np.clip(flag.reshape(-1), -80, 80)))
         return pts.reshape(-1, 468, 3), scores.astype(np.float32)
 
-    def landmarks(self, image: Image.Image, rois: list[Roi]) -> tuple[np.ndarray, np.ndarray]:
+    def landmarks(self, image: Image.Image | list[Image.Image], rois: list[Roi]) -> tuple[np.ndarray, np.ndarray]:
         """Mesh points of every ROI in photo pixels: ``(N, 468, 3)`` (x, y continuous, z in photo px, smaller =
-        nearer) and scores ``(N,)``."""
+        nearer) and scores ``(N,)``; ``image`` one photo for every ROI, or one per ROI (one batched run either way)."""
         if not rois:
             return np.zeros((0, 468, 3), np.float32), np.zeros(0, np.float32)
-        crops = np.stack([_crop(image, r) for r in rois])
+        images = image if isinstance(image, list) else [image] * len(rois)
+        crops = np.stack([_crop(im, r) for im, r in zip(images, rois, strict=True)])
         raw, scores = self.run(crops)
         out = np.empty_like(raw)
         for i, r in enumerate(rois):

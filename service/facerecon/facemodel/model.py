@@ -85,6 +85,13 @@ class FaceModel(nn.Module):
         """``(5, 3)`` float32: the 5 standard 3D points of the reference alignment (section 6.2)."""
         return lm68_to_lm5(self.standard_landmarks68.astype(np.float64)).astype(np.float32)
 
+    def subset_bases(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The mean shape and the identity / expression bases at the vertices ``idx (M,)``: ``(M, 3)``,
+        ``(K_id, 3M)``, ``(K_exp, 3M)`` (gathering the bases' columns is most of what decoding a few vertices costs:
+        callers keep the result)."""
+        cols = (idx[:, None] * 3 + torch.arange(3, device=idx.device)).reshape(-1)
+        return self.mean_shape[idx], self.id_basis[:, cols].contiguous(), self.exp_basis[:, cols].contiguous()
+
     def shape(self, id_coeff: Tensor, exp_coeff: Tensor) -> Tensor:
         """``(B, K_id)``, ``(B, K_exp)`` -> ``(B, N, 3)`` un-posed shape in decimetres."""
         offsets = id_coeff @ self.id_basis + exp_coeff @ self.exp_basis

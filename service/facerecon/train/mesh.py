@@ -32,7 +32,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from facerecon import geometry
 from facerecon.coefficients import Coefficients
 from facerecon.decoder import FaceDecoder
 
@@ -63,11 +62,13 @@ def load_correspondence(face_model_npz: Path) -> np.ndarray:
 
 @dataclass
 class MeshTargets:
-    """``points (N, 468, 2)`` float32 crop px, y up; ``weight (N, 468)`` float32; ``yaw (N,)`` the mesh's degrees."""
+    """``points (N, 468, 2)`` float32 crop px, y up; ``weight (N, 468)`` float32; ``yaw (N,)`` the mesh's degrees;
+    ``vertices (468,)`` the correspondence they were made for (:func:`load_correspondence`)."""
 
     points: np.ndarray
     weight: np.ndarray
     yaw: np.ndarray
+    vertices: np.ndarray
 
 
 def _roi_from_landmarks(lm68_yup: np.ndarray) -> Any:
@@ -80,20 +81,6 @@ def _roi_from_landmarks(lm68_yup: np.ndarray) -> Any:
     eyes = np.stack([p[36:42].mean(0), p[42:48].mean(0)])
     angle = float(np.arctan2(eyes[1, 1] - eyes[0, 1], eyes[1, 0] - eyes[0, 0]))
     return Roi(float((lo[0] + hi[0]) / 2), float((lo[1] + hi[1]) / 2), float((hi - lo).max() * ROI_SCALE), angle)
-
-
-def _mesh_pass(mesh: Any, crops: np.ndarray, rois: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """One batched mesh run on ``crops (B, 224, 224, 3)`` uint8, one ROI each: ``(B, 468, 3)`` crop px (y down,
-    continuous) and scores ``(B,)``."""
-    from facerecon.detect.facemesh import INPUT, _crop
-
-    x = np.stack([_crop(Image.fromarray(c), r) for c, r in zip(crops, rois, strict=True)])
-    raw, scores = mesh.run(x)
-    out = np.empty_like(raw)
-    for i, r in enumerate(rois):
-        out[i, :, :2] = r.to_photo(raw[i])
-        out[i, :, 2] = raw[i, :, 2] * (r.size / INPUT)
-    return out, scores
 
 
 def yaw_fade(yaw_deg: np.ndarray) -> np.ndarray:
@@ -128,8 +115,9 @@ def crop_mesh_targets(images: np.ndarray, lm68: np.ndarray, correspondence: np.n
         starts: Iterable[int] = range(0, n, batch)
         for s in progress(starts) if progress else starts:
             sl = slice(s, min(s + batch, n))
-            first, _ = _mesh_pass(mesh, images[sl], [_roi_from_landmarks(lm) for lm in lm68[sl]])
-            p3, sc = _mesh_pass(mesh, images[sl], [Roi.from_points(p) for p in first])  # MediaPipe's second pass
+            pils = [Image.fromarray(c) for c in images[sl]]
+            first, _ = mesh.landmarks(pils, [_roi_from_landmarks(lm) for lm in lm68[sl]])
+            p3, sc = mesh.landmarks(pils, [Roi.from_points(p) for p in first])  # MediaPipe's second pass
             pts[sl] = np.stack([p3[..., 0] - 0.5, (_CROP - 1) - (p3[..., 1] - 0.5)], axis=-1)  # centres, y up
             scores[sl] = sc
             yaw[sl] = [estimate_pose(p)[1] for p in p3]
@@ -138,7 +126,7 @@ def crop_mesh_targets(images: np.ndarray, lm68: np.ndarray, correspondence: np.n
             np.savez(path, points=pts, scores=scores, yaw=yaw)
             log.info("face mesh on %d training crops, cached at %s", n, path)
     weight = scores[:, None] * yaw_fade(yaw)[:, None] * (correspondence >= 0)[None, :].astype(np.float32)
-    return MeshTargets(pts.astype(np.float32), weight.astype(np.float32), yaw.astype(np.float32))
+    return MeshTargets(pts.astype(np.float32), weight.astype(np.float32), yaw.astype(np.float32), correspondence)
 
 
 class MeshTerm:
@@ -156,24 +144,14 @@ class MeshTerm:
         v = torch.from_numpy(np.where(valid, correspondence, 0)).to(m.mean_shape.device)
         mirror = torch.from_numpy(np.asarray(m.extras["mirror_index"], np.int64)).to(v.device)
         self.valid = torch.from_numpy(valid.astype(np.float32)).to(v.device)
-        self._bases = [self._gather(m, idx) for idx in (v, mirror[v])]  # as marked, and mirrored (flipped crops)
-
-    @staticmethod
-    def _gather(m: Any, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        cols = (idx[:, None] * 3 + torch.arange(3, device=idx.device)).reshape(-1)
-        return m.mean_shape[idx], m.id_basis[:, cols].contiguous(), m.exp_basis[:, cols].contiguous()
+        self._bases = [m.subset_bases(idx) for idx in (v, mirror[v])]  # as marked, and mirrored (flipped crops)
 
     def project(self, coeffs: Coefficients, flipped: Tensor | None = None) -> Tensor:
         """``(B, 468, 2)`` crop px, y up: the marked vertices (mirrored in the rows ``flipped (B,)`` bool)."""
-        out = []
-        for mean, id_b, exp_b in self._bases:
-            shape = mean[None] + (coeffs.id @ id_b + coeffs.exp @ exp_b).view(-1, mean.shape[0], 3)
-            rot = geometry.euler_to_rotation(coeffs.angle)
-            cam = geometry.to_camera(geometry.transform(shape, rot, coeffs.trans), self.decoder.camera.distance)
-            out.append(geometry.project(cam, self.decoder.camera.intrinsics))
         if flipped is None:
-            return out[0]
-        return torch.where(flipped[:, None, None], out[1], out[0])
+            return self.decoder.project_subset(coeffs, self._bases[0])
+        marked, mirrored = (self.decoder.project_subset(coeffs, b) for b in self._bases)
+        return torch.where(flipped[:, None, None], mirrored, marked)
 
     def loss(self, coeffs: Coefficients, target: Tensor, weight: Tensor, flipped: Tensor | None = None) -> Tensor:
         """``(1 / (468 B)) sum_b sum_p w_bp |q_bp - t_bp|^2`` (crop px^2), the landmark term's form over the mesh

@@ -66,10 +66,8 @@ VERTEX_STRIDE = 3
 def vertex_bases(model: FaceModel, stride: int = VERTEX_STRIDE) -> tuple[Tensor, Tensor, Tensor, float]:
     """The face region's vertices (every ``stride``-th of ``face_mask``) for :func:`vertex_loss`: mean ``(M, 3)``,
     identity basis ``(K_id, 3M)``, expression basis ``(K_exp, 3M)`` (model units), and centimetres per model unit."""
-    idx = model.face_mask.nonzero().flatten()[::stride]
-    cols = (idx[:, None] * 3 + torch.arange(3, device=idx.device)).reshape(-1)
-    cm = metres_per_unit(model.card.units) * 100.0
-    return model.mean_shape[idx], model.id_basis[:, cols].contiguous(), model.exp_basis[:, cols].contiguous(), cm
+    return (*model.subset_bases(model.face_mask.nonzero().flatten()[::stride]),
+            metres_per_unit(model.card.units) * 100.0)
 
 
 def posed_vertices(c: Coefficients, bases: tuple[Tensor, Tensor, Tensor, float]) -> Tensor:
@@ -406,8 +404,7 @@ def train_rnet(cfg: RNetConfig, resume: bool = False) -> Path:
         _load_weights(anchor_net, cfg.init_from)
         anchor_net.eval().requires_grad_(False)
     v_bases = vertex_bases(model) if cfg.vertex_weight else None
-    mesh_term = MeshTerm(decoder, load_correspondence(resolve(Path(cfg.models_dir), cfg.face_model))) \
-        if rd.mesh is not None else None
+    mesh_term = MeshTerm(decoder, rd.mesh.vertices) if rd.mesh is not None else None
     descriptor = None
     use_photo = rd.train is not None and cfg.photo_per_batch > 0 and not cfg.synthetic_only
     if use_photo and cfg.perceptual:
